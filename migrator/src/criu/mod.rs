@@ -1,0 +1,416 @@
+//! Driving CRIU through its RPC interface (`criu swrk`).
+//!
+//! tether speaks CRIU's RPC itself (see [`swrk`]) rather than running the CLI: the RPC's
+//! notifications let the source hold a finished dump at `post-dump`, with the tree frozen and its
+//! connections locked, until the destination has restored it, and then either commit (CRIU kills
+//! the tree) or roll back (CRIU unlocks and thaws it). The worker process is started before the
+//! freeze, so CRIU's start-up is not part of the downtime.
+
+pub mod images;
+pub mod pages;
+pub mod rebuild;
+pub mod rpc;
+pub mod swrk;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rpc::{NetworkLockMethod, Req, ReqType, Resp};
+use swrk::{Event, Worker};
+
+/// The oldest CRIU that works on the kernels tether targets (4.1 cannot dump TCP sockets on
+/// Linux >= 6.16).
+pub const MIN_VERSION: (i32, i32) = (4, 2);
+
+/// Where `scripts/setup.sh` installs the CRIU it builds; preferred over PATH.
+const PREFERRED: &str = "/usr/local/sbin/criu";
+
+/// Name of CRIU's log inside an images directory; never part of the migrated image set.
+pub const DUMP_LOG: &str = "dump.log";
+/// Name of CRIU's restore log inside an images directory.
+pub const RESTORE_LOG: &str = "restore.log";
+
+/// Errors from CRIU.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CriuError {
+    /// No CRIU binary was found.
+    #[error("no criu binary found (looked at {PREFERRED} and PATH); run scripts/setup.sh as root")]
+    NotFound,
+    /// CRIU is older than tether supports.
+    #[error("CRIU {found} is too old: tether needs >= {}.{} (run scripts/setup.sh as root)", MIN_VERSION.0, MIN_VERSION.1)]
+    TooOld {
+        /// The version found.
+        found: String,
+    },
+    /// The worker process could not be started.
+    #[error("cannot start criu swrk: {0}")]
+    Spawn(std::io::Error),
+    /// The RPC socket failed.
+    #[error("CRIU RPC socket: {0}")]
+    Rpc(std::io::Error),
+    /// The worker closed its socket (it exited or crashed).
+    #[error("criu swrk exited unexpectedly")]
+    WorkerExited,
+    /// CRIU sent something tether does not understand.
+    #[error("unexpected CRIU RPC message: {0}")]
+    Protocol(String),
+    /// CRIU reports a failed request.
+    #[error("criu {op} failed{errno}: {detail}", errno = .errno.map(|e| format!(" (errno {e})")).unwrap_or_default())]
+    Failed {
+        /// The request, e.g. `dump`, `restore`.
+        op: &'static str,
+        /// CRIU's errno, if it gave one.
+        errno: Option<i32>,
+        /// CRIU's message and the error lines of its log.
+        detail: String,
+    },
+}
+
+/// A located, version-checked CRIU.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    path: PathBuf,
+    log_level: i32,
+}
+
+impl Criu {
+    /// Finds CRIU (`/usr/local/sbin/criu`, then PATH) and checks its version over RPC.
+    pub async fn locate() -> Result<Criu, CriuError> {
+        let path = if Path::new(PREFERRED).is_file() {
+            PathBuf::from(PREFERRED)
+        } else {
+            std::env::var_os("PATH")
+                .and_then(|paths| {
+                    std::env::split_paths(&paths)
+                        .map(|d| d.join("criu"))
+                        .find(|p| p.is_file())
+                })
+                .ok_or(CriuError::NotFound)?
+        };
+        let criu = Criu { path, log_level: 2 };
+        let worker = criu.worker()?;
+        let resp = worker
+            .call(&Req {
+                r#type: ReqType::Version as i32,
+                ..Default::default()
+            })
+            .await?;
+        worker.finish().await;
+        let v = resp
+            .version
+            .ok_or_else(|| CriuError::Protocol("VERSION answered without a version".into()))?;
+        if (v.major_number, v.minor_number) < MIN_VERSION {
+            return Err(CriuError::TooOld {
+                found: format!("{}.{}", v.major_number, v.minor_number),
+            });
+        }
+        Ok(criu)
+    }
+
+    /// Sets CRIU's log level (0-4; CRIU's default 2 logs errors and warnings).
+    pub fn with_log_level(mut self, level: i32) -> Criu {
+        self.log_level = level.clamp(0, 4);
+        self
+    }
+
+    /// The CRIU binary in use.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts a worker process, ready for one request.
+    pub fn worker(&self) -> Result<Worker, CriuError> {
+        Worker::spawn(&self.path)
+    }
+
+    /// Starts dumping the tree rooted at `pid` into `images` with its TCP connections
+    /// (`--tcp-established`, nftables network lock). The caller walks the dump through its
+    /// [`DumpPoint`]s with [`DumpSession::until`] and [`DumpSession::proceed`], and ends at
+    /// [`DumpSession::held`]: frozen, locked, not killed. A failure at any point leaves the tree
+    /// running (CRIU rolls back by itself).
+    pub async fn start_dump(
+        &self,
+        worker: Worker,
+        pid: i32,
+        images: &Path,
+    ) -> Result<DumpSession, CriuError> {
+        let mut opts = swrk::opts_for(images);
+        opts.pid = Some(pid);
+        opts.tcp_established = Some(true);
+        opts.network_lock = Some(NetworkLockMethod::Nftables as i32);
+        opts.notify_scripts = Some(true);
+        opts.log_file = Some(DUMP_LOG.into());
+        opts.log_level = Some(self.log_level);
+        let requested = Instant::now();
+        worker
+            .send(&Req {
+                r#type: ReqType::Dump as i32,
+                opts: Some(opts),
+                ..Default::default()
+            })
+            .await?;
+        Ok(DumpSession {
+            worker,
+            images: images.to_path_buf(),
+            requested,
+            stopping: None,
+            frozen: None,
+            at: None,
+        })
+    }
+
+    /// Restores the image set in `images` (`--tcp-established`, as a sibling of CRIU so the
+    /// restored root becomes the caller's child) and returns the restored root's pid.
+    pub async fn restore(&self, images: &Path) -> Result<Restored, CriuError> {
+        let worker = self.worker()?;
+        let mut opts = swrk::opts_for(images);
+        opts.tcp_established = Some(true);
+        opts.network_lock = Some(NetworkLockMethod::Nftables as i32);
+        opts.rst_sibling = Some(true);
+        opts.notify_scripts = Some(true);
+        opts.log_file = Some(RESTORE_LOG.into());
+        opts.log_level = Some(self.log_level);
+        let started = Instant::now();
+        let resp = worker
+            .call(&Req {
+                r#type: ReqType::Restore as i32,
+                opts: Some(opts),
+                ..Default::default()
+            })
+            .await;
+        let elapsed = started.elapsed();
+        worker.finish().await;
+        let resp = resp?;
+        match (&resp.restore, resp.success) {
+            (Some(r), true) if r.pid > 0 => Ok(Restored {
+                pid: r.pid,
+                elapsed,
+            }),
+            _ => Err(failure("restore", &resp, &images.join(RESTORE_LOG))),
+        }
+    }
+}
+
+/// Points of a dump at which CRIU waits for tether.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DumpPoint {
+    /// CRIU is set up (its kernel probing done); the tree still runs (`pre-dump`).
+    PreFreeze,
+    /// The tree is frozen and its connections locked (`query-ext-files`, or `network-lock` when a
+    /// network namespace is dumped).
+    Frozen,
+    /// The images are complete (`post-dump`).
+    Dumped,
+}
+
+impl DumpPoint {
+    fn of(script: &str) -> Option<DumpPoint> {
+        match script {
+            "pre-dump" => Some(DumpPoint::PreFreeze),
+            "network-lock" | "query-ext-files" => Some(DumpPoint::Frozen),
+            "post-dump" => Some(DumpPoint::Dumped),
+            _ => None,
+        }
+    }
+}
+
+/// A dump in progress, stopped at a [`DumpPoint`] or between points.
+#[derive(Debug)]
+pub struct DumpSession {
+    worker: Worker,
+    images: PathBuf,
+    requested: Instant,
+    /// When CRIU was let go on from `pre-dump` to freeze the tree.
+    stopping: Option<Instant>,
+    frozen: Option<Instant>,
+    /// The point CRIU waits at for our answer, if any.
+    at: Option<DumpPoint>,
+}
+
+impl DumpSession {
+    /// Runs the dump until CRIU reaches `point` (answering other notifications) and returns when
+    /// it got there; CRIU then waits for [`proceed`](Self::proceed) or
+    /// [`abort`](Self::abort).
+    pub async fn until(&mut self, point: DumpPoint) -> Result<Instant, CriuError> {
+        if self.at.is_some() {
+            self.proceed().await?;
+        }
+        loop {
+            match self.worker.next().await? {
+                Event::Notify { script, .. } => {
+                    tracing::debug!(%script, "criu dump notification");
+                    let now = Instant::now();
+                    match DumpPoint::of(&script) {
+                        Some(DumpPoint::Frozen) if self.frozen.is_some() => {}
+                        Some(p) => {
+                            if p == DumpPoint::Frozen {
+                                self.frozen = Some(now);
+                            }
+                            if p == point {
+                                self.at = Some(p);
+                                return Ok(now);
+                            }
+                        }
+                        None => {}
+                    }
+                    self.worker.answer_notify(true).await?;
+                }
+                Event::Done(resp) => {
+                    return Err(failure("dump", &resp, &self.images.join(DUMP_LOG)));
+                }
+            }
+        }
+    }
+
+    /// Lets CRIU go on from the point it waits at.
+    pub async fn proceed(&mut self) -> Result<(), CriuError> {
+        if let Some(at) = self.at.take() {
+            if at == DumpPoint::PreFreeze {
+                self.stopping = Some(Instant::now());
+            }
+            self.worker.answer_notify(true).await?;
+        }
+        Ok(())
+    }
+
+    /// Refuses the point CRIU waits at: CRIU abandons the dump and thaws the tree if it froze
+    /// it. Returns once CRIU has finished.
+    pub async fn abort(mut self) -> Result<(), CriuError> {
+        if self.at.take().is_some() {
+            self.worker.answer_notify(false).await?;
+        }
+        let _ = wait_done(&self.worker).await;
+        self.worker.finish().await;
+        Ok(())
+    }
+
+    /// Runs to the end of the dump and holds the tree there.
+    pub async fn held(mut self) -> Result<HeldDump, CriuError> {
+        let dumped = self.until(DumpPoint::Dumped).await?;
+        let frozen = self.frozen.unwrap_or(self.requested);
+        Ok(HeldDump {
+            worker: self.worker,
+            images: self.images,
+            requested: self.requested,
+            stopping: self.stopping.unwrap_or(self.requested).min(frozen),
+            frozen,
+            dumped,
+        })
+    }
+}
+
+/// A finished dump whose tree is held frozen, with its network locked, at CRIU's `post-dump`.
+#[derive(Debug)]
+pub struct HeldDump {
+    worker: Worker,
+    images: PathBuf,
+    /// When the dump was requested.
+    pub requested: Instant,
+    /// When CRIU was let go on to freeze the tree: the service stops serving within CRIU's
+    /// freezing time after this, so the downtime is counted from here.
+    pub stopping: Instant,
+    /// When the tree was frozen (CRIU's first notification after the freeze).
+    pub frozen: Instant,
+    /// When the images were complete (post-dump).
+    pub dumped: Instant,
+}
+
+impl HeldDump {
+    /// Time from request to complete images.
+    pub fn dump_duration(&self) -> Duration {
+        self.dumped - self.requested
+    }
+
+    /// Commits: CRIU kills the dumped tree. Its connections stay locked (CRIU's nftables table
+    /// remains until the caller removes it) so that the peers see no reset.
+    pub async fn commit(self) -> Result<(), CriuError> {
+        self.worker.answer_notify(true).await?;
+        let resp = wait_done(&self.worker).await;
+        self.worker.finish().await;
+        let resp = resp?;
+        if resp.success {
+            Ok(())
+        } else {
+            Err(failure("dump (commit)", &resp, &self.images.join(DUMP_LOG)))
+        }
+    }
+
+    /// Rolls back: CRIU unlocks the network and thaws the tree, which runs on as if nothing
+    /// happened. Returns once CRIU has finished.
+    pub async fn rollback(self) -> Result<(), CriuError> {
+        self.worker.answer_notify(false).await?;
+        // CRIU answers with a failed dump response after it has resumed the tree.
+        let resp = wait_done(&self.worker).await;
+        self.worker.finish().await;
+        match resp {
+            Ok(r) if !r.success => Ok(()),
+            Ok(_) => Err(CriuError::Protocol(
+                "CRIU reported success after a refused post-dump".into(),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+async fn wait_done(worker: &Worker) -> Result<Resp, CriuError> {
+    loop {
+        match worker.next().await? {
+            Event::Notify { .. } => worker.answer_notify(true).await?,
+            Event::Done(resp) => return Ok(resp),
+        }
+    }
+}
+
+/// A restored tree.
+#[derive(Debug, Clone, Copy)]
+pub struct Restored {
+    /// Host pid of the restored root.
+    pub pid: i32,
+    /// Wall time of the restore request.
+    pub elapsed: Duration,
+}
+
+fn failure(op: &'static str, resp: &Resp, log: &Path) -> CriuError {
+    // CRIU's errmsg is its first logged error, often the harmless RLIMIT_NOFILE one on machines
+    // without CAP_SYS_RESOURCE.
+    let mut detail = resp
+        .cr_errmsg
+        .clone()
+        .filter(|m| !m.contains("RLIMIT_NOFILE"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let errors = log_errors(log);
+    if !errors.is_empty() {
+        if !detail.is_empty() {
+            detail.push_str("; ");
+        }
+        detail.push_str(&errors);
+    }
+    if detail.is_empty() {
+        detail = format!("no message (see {})", log.display());
+    }
+    CriuError::Failed {
+        op,
+        errno: resp.cr_errno,
+        detail,
+    }
+}
+
+/// The error lines of a CRIU log (the last few), joined.
+pub fn log_errors(log: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"))
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(4)..];
+    tail.iter()
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}

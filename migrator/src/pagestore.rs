@@ -1,0 +1,317 @@
+//! The destination's copy of the memory pages it has received (pure: no I/O, unit-tested).
+//!
+//! Pre-copy rounds fill it while the service still runs on the source; each round overwrites the
+//! pages that changed. Pages are accepted only for owners and address ranges the source has
+//! announced (its processes' mappings); anything else is a protocol error. At the end, CRIU's
+//! `pages-*.img` files are rebuilt from the store plus the final difference.
+
+use std::collections::HashMap;
+
+use crate::wire::{PageBatch, PAGE};
+
+/// Errors applying pages.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Pages for an owner nobody announced.
+    #[error("page for owner {owner:#x}, which the source did not announce")]
+    UnknownOwner {
+        /// The owner code.
+        owner: u64,
+    },
+    /// A page outside the owner's announced ranges.
+    #[error("page {addr:#x} of owner {owner:#x} lies outside the announced mappings")]
+    OutOfRange {
+        /// The owner code.
+        owner: u64,
+        /// The page address.
+        addr: u64,
+    },
+    /// The store would exceed its memory limit.
+    #[error("page store limit of {limit} bytes exceeded")]
+    Full {
+        /// The limit.
+        limit: u64,
+    },
+    /// A malformed layout.
+    #[error("bad layout for owner {owner:#x}: {what}")]
+    BadLayout {
+        /// The owner code.
+        owner: u64,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Zero,
+    Data(u32),
+}
+
+/// Pages received so far, keyed by (owner, address).
+#[derive(Debug)]
+pub struct PageStore {
+    layout: HashMap<u64, Vec<(u64, u64)>>,
+    index: HashMap<(u64, u64), Slot>,
+    slab: Vec<u8>,
+    free: Vec<u32>,
+    limit: u64,
+}
+
+static ZERO: [u8; PAGE] = [0; PAGE];
+
+/// Most ranges one owner may announce.
+pub const MAX_RANGES: usize = 65_536;
+
+impl PageStore {
+    /// An empty store that holds at most `limit` bytes of page data.
+    pub fn new(limit: u64) -> PageStore {
+        PageStore {
+            layout: HashMap::new(),
+            index: HashMap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Sets the address ranges `[start, end)` an owner's pages may come from. Pages already held
+    /// outside the new ranges are dropped (the mapping is gone).
+    pub fn announce(&mut self, owner: u64, mut ranges: Vec<(u64, u64)>) -> Result<(), StoreError> {
+        let bad = |what: String| StoreError::BadLayout { owner, what };
+        if ranges.len() > MAX_RANGES {
+            return Err(bad(format!("{} ranges", ranges.len())));
+        }
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            if w[0].1 > w[1].0 {
+                return Err(bad(format!("ranges {:#x?} and {:#x?} overlap", w[0], w[1])));
+            }
+        }
+        for &(s, e) in &ranges {
+            if s >= e || s % PAGE as u64 != 0 || e % PAGE as u64 != 0 {
+                return Err(bad(format!(
+                    "range {s:#x}..{e:#x} is empty or not page-aligned"
+                )));
+            }
+        }
+        let gone: Vec<(u64, u64)> = self
+            .index
+            .keys()
+            .filter(|(o, a)| *o == owner && !contains(&ranges, *a))
+            .copied()
+            .collect();
+        for k in gone {
+            if let Some(Slot::Data(i)) = self.index.remove(&k) {
+                self.free.push(i);
+            }
+        }
+        self.layout.insert(owner, ranges);
+        Ok(())
+    }
+
+    /// Stores a batch, after checking every page against the owner's announced ranges; on error
+    /// nothing of the batch is stored.
+    pub fn apply(&mut self, batch: &PageBatch) -> Result<(), StoreError> {
+        let ranges = self
+            .layout
+            .get(&batch.owner)
+            .ok_or(StoreError::UnknownOwner { owner: batch.owner })?;
+        if let Some((addr, _)) = batch.pages.iter().find(|(a, _)| !contains(ranges, *a)) {
+            return Err(StoreError::OutOfRange {
+                owner: batch.owner,
+                addr: *addr,
+            });
+        }
+        let new_data = batch
+            .pages
+            .iter()
+            .filter(|(a, d)| {
+                d.is_some() && !matches!(self.index.get(&(batch.owner, *a)), Some(Slot::Data(_)))
+            })
+            .count() as u64;
+        let held = (self.slab.len() / PAGE - self.free.len()) as u64;
+        if (held + new_data) * PAGE as u64 > self.limit {
+            return Err(StoreError::Full { limit: self.limit });
+        }
+        for (addr, data) in &batch.pages {
+            let key = (batch.owner, *addr);
+            match (data, self.index.get(&key).copied()) {
+                (None, Some(Slot::Data(i))) => {
+                    self.free.push(i);
+                    self.index.insert(key, Slot::Zero);
+                }
+                (None, _) => {
+                    self.index.insert(key, Slot::Zero);
+                }
+                (Some(d), Some(Slot::Data(i))) => {
+                    let at = i as usize * PAGE;
+                    self.slab[at..at + PAGE].copy_from_slice(d);
+                }
+                (Some(d), _) => {
+                    let i = match self.free.pop() {
+                        Some(i) => {
+                            let at = i as usize * PAGE;
+                            self.slab[at..at + PAGE].copy_from_slice(d);
+                            i
+                        }
+                        None => {
+                            let i = (self.slab.len() / PAGE) as u32;
+                            self.slab.extend_from_slice(d);
+                            i
+                        }
+                    };
+                    self.index.insert(key, Slot::Data(i));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The held content of a page.
+    pub fn get(&self, owner: u64, addr: u64) -> Option<&[u8]> {
+        match self.index.get(&(owner, addr))? {
+            Slot::Zero => Some(&ZERO),
+            Slot::Data(i) => {
+                let at = *i as usize * PAGE;
+                self.slab.get(at..at + PAGE)
+            }
+        }
+    }
+
+    /// Number of pages held.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether no page is held.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+}
+
+/// Sorts `[start, end)` ranges and merges overlapping or adjacent ones.
+pub fn merge_ranges(it: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = it.into_iter().collect();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+fn contains(ranges: &[(u64, u64)], addr: u64) -> bool {
+    // Ranges are sorted and disjoint: find the last range starting at or before addr.
+    let i = ranges.partition_point(|&(s, _)| s <= addr);
+    i > 0 && addr < ranges[i - 1].1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(b: u8) -> Option<Vec<u8>> {
+        Some(vec![b; PAGE])
+    }
+
+    fn batch(owner: u64, pages: Vec<(u64, Option<Vec<u8>>)>) -> PageBatch {
+        PageBatch { owner, pages }
+    }
+
+    #[test]
+    fn stores_overwrites_and_zeroes() {
+        let mut s = PageStore::new(1 << 20);
+        s.announce(1, vec![(0x1000, 0x4000)]).expect("layout");
+        s.apply(&batch(1, vec![(0x1000, page(1)), (0x2000, None)]))
+            .expect("apply");
+        assert_eq!(s.get(1, 0x1000), Some(&[1u8; PAGE][..]));
+        assert_eq!(s.get(1, 0x2000), Some(&[0u8; PAGE][..]));
+        assert_eq!(s.get(1, 0x3000), None);
+        s.apply(&batch(1, vec![(0x1000, None), (0x2000, page(2))]))
+            .expect("overwrite");
+        assert_eq!(s.get(1, 0x1000), Some(&[0u8; PAGE][..]));
+        assert_eq!(s.get(1, 0x2000), Some(&[2u8; PAGE][..]));
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.slab.len(), PAGE, "the freed slot was reused");
+    }
+
+    #[test]
+    fn rejects_unknown_owners_and_addresses_atomically() {
+        let mut s = PageStore::new(1 << 20);
+        s.announce(1, vec![(0x1000, 0x3000)]).expect("layout");
+        assert_eq!(
+            s.apply(&batch(2, vec![(0x1000, page(1))])),
+            Err(StoreError::UnknownOwner { owner: 2 })
+        );
+        assert_eq!(
+            s.apply(&batch(1, vec![(0x1000, page(1)), (0x3000, page(1))])),
+            Err(StoreError::OutOfRange {
+                owner: 1,
+                addr: 0x3000
+            })
+        );
+        assert!(s.is_empty(), "nothing of a rejected batch is stored");
+    }
+
+    #[test]
+    fn layout_changes_drop_unmapped_pages_and_bad_layouts_are_refused() {
+        let mut s = PageStore::new(1 << 20);
+        s.announce(1, vec![(0x1000, 0x3000)]).expect("layout");
+        s.apply(&batch(1, vec![(0x1000, page(1)), (0x2000, page(2))]))
+            .expect("apply");
+        s.announce(1, vec![(0x2000, 0x3000)]).expect("shrink");
+        assert_eq!(s.get(1, 0x1000), None);
+        assert!(s.get(1, 0x2000).is_some());
+        assert!(s
+            .announce(1, vec![(0x1000, 0x3000), (0x2000, 0x4000)])
+            .is_err());
+        assert!(s.announce(1, vec![(0x1001, 0x3000)]).is_err());
+        assert!(s.announce(1, vec![(0x3000, 0x3000)]).is_err());
+    }
+
+    #[test]
+    fn the_limit_holds() {
+        let mut s = PageStore::new(2 * PAGE as u64);
+        s.announce(1, vec![(0, 0x10000)]).expect("layout");
+        s.apply(&batch(1, vec![(0, page(1)), (0x1000, page(1))]))
+            .expect("fits");
+        s.apply(&batch(1, vec![(0, page(3))]))
+            .expect("overwrite fits");
+        s.apply(&batch(1, vec![(0x2000, None)]))
+            .expect("zero pages cost nothing");
+        assert_eq!(
+            s.apply(&batch(1, vec![(0x3000, page(1))])),
+            Err(StoreError::Full {
+                limit: 2 * PAGE as u64
+            })
+        );
+    }
+
+    #[test]
+    fn ranges_merge() {
+        assert_eq!(
+            merge_ranges([
+                (0x3000, 0x4000),
+                (0x1000, 0x2000),
+                (0x2000, 0x3000),
+                (0x8000, 0x9000)
+            ]),
+            vec![(0x1000, 0x4000), (0x8000, 0x9000)]
+        );
+    }
+
+    #[test]
+    fn range_lookup() {
+        let r = vec![(0x1000, 0x2000), (0x5000, 0x8000)];
+        assert!(!contains(&r, 0));
+        assert!(contains(&r, 0x1000));
+        assert!(!contains(&r, 0x2000));
+        assert!(contains(&r, 0x7000));
+        assert!(!contains(&r, 0x8000));
+    }
+}

@@ -1,0 +1,261 @@
+//! What the proxy answers to control commands: the `result` objects of the control protocol
+//! (JSON), and the errors of commands.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use crate::state::{Phase, StateError};
+
+/// Answer to `status`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// The proxy's version.
+    pub version: String,
+    /// Milliseconds since the proxy started.
+    pub uptime_ms: u64,
+    /// Every service, in configuration order.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service in [`Status`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceStatus {
+    /// The service's name.
+    pub name: String,
+    /// Its phase.
+    pub phase: Phase,
+    /// Where new connections and UDP flows go.
+    pub backend: SocketAddr,
+    /// The backend before the pause in force (a hold timeout returns to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_before_pause: Option<SocketAddr>,
+    /// How long the pause in force has lasted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_for_ms: Option<u64>,
+    /// Time left until the pause in force ends by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_left_ms: Option<u64>,
+    /// TCP listen addresses (as bound).
+    pub tcp_listen: Vec<SocketAddr>,
+    /// UDP listen addresses (as bound).
+    pub udp_listen: Vec<SocketAddr>,
+    /// Open TCP connections.
+    pub tcp_flows: u64,
+    /// UDP flows.
+    pub udp_flows: u64,
+    /// Datagrams held now.
+    pub held_datagrams: u64,
+    /// Bytes of datagrams held now.
+    pub held_bytes: u64,
+    /// Drops so far by reason (only reasons with drops).
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// Answer to `flows`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FlowList {
+    /// The service.
+    pub service: String,
+    /// Its TCP connections.
+    pub tcp: Vec<TcpFlowInfo>,
+    /// Its UDP flows.
+    pub udp: Vec<UdpFlowInfo>,
+}
+
+/// One TCP connection in [`FlowList`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TcpFlowInfo {
+    /// Flow id (unique per service).
+    pub id: u64,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The listen address the client connected to.
+    pub listen: SocketAddr,
+    /// `waiting` (for a pause to end before connecting upstream), `connecting`, `open`,
+    /// `closed`.
+    pub stage: String,
+    /// The backend the upstream connection goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<SocketAddr>,
+    /// The proxy's address of the upstream connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_local: Option<SocketAddr>,
+    /// Whether client-to-service data is held (nothing read, nothing pending) or finished.
+    pub client_side_idle: bool,
+    /// Bytes client → service.
+    pub bytes_to_service: u64,
+    /// Bytes service → client.
+    pub bytes_to_client: u64,
+    /// Milliseconds since the connection was accepted.
+    pub age_ms: u64,
+    /// Bytes in the upstream send queue (`SIOCOUTQ`: unsent plus unacknowledged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_outq: Option<u32>,
+    /// Upstream segments in flight (`tcpi_unacked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_unacked: Option<u32>,
+    /// Upstream smoothed RTT in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_rtt_us: Option<u32>,
+}
+
+/// One UDP flow in [`FlowList`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UdpFlowInfo {
+    /// Flow id (unique per service).
+    pub id: u64,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The listen address the client sends to.
+    pub listen: SocketAddr,
+    /// Where the flow's upstream socket sends.
+    pub backend: SocketAddr,
+    /// The proxy's address of the upstream socket (what the service sees).
+    pub upstream_local: SocketAddr,
+    /// Datagrams client → service.
+    pub datagrams_to_service: u64,
+    /// Datagrams service → client.
+    pub datagrams_to_client: u64,
+    /// Bytes client → service.
+    pub bytes_to_service: u64,
+    /// Bytes service → client.
+    pub bytes_to_client: u64,
+    /// Milliseconds since the last datagram either way.
+    pub idle_ms: u64,
+    /// Datagrams held for this flow.
+    pub held_datagrams: u64,
+    /// Bytes held for this flow.
+    pub held_bytes: u64,
+}
+
+/// Answer to a successful `pause`: every flow is quiet and client-to-service data is held.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PauseReport {
+    /// The service.
+    pub service: String,
+    /// Milliseconds from the command until every flow was quiet.
+    pub quiesce_ms: f64,
+    /// TCP connections held.
+    pub tcp_flows: u64,
+    /// UDP flows held.
+    pub udp_flows: u64,
+    /// Milliseconds until the pause ends by itself unless resumed.
+    pub max_hold_ms: u64,
+}
+
+/// A flow that kept a pause from being confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UnquiescedFlow {
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// Flow id.
+    pub id: u64,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// What was still going on.
+    pub reason: String,
+    /// Bytes in the upstream send queue, when that was the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_outq: Option<u32>,
+}
+
+/// Answer to `redirect`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RedirectReport {
+    /// The service.
+    pub service: String,
+    /// The previous backend.
+    pub from: SocketAddr,
+    /// The new backend.
+    pub to: SocketAddr,
+    /// UDP flows re-pointed to the new backend.
+    pub udp_flows: u64,
+    /// UDP flows that could not be re-pointed and were removed.
+    pub udp_flows_failed: u64,
+    /// The phase after the redirect (`active` or `paused`).
+    pub phase: Phase,
+}
+
+/// Answer to `resume`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeReport {
+    /// The service.
+    pub service: String,
+    /// Milliseconds from the pause command until the resume finished.
+    pub held_ms: f64,
+    /// Held datagrams released (sent to the backend, in order).
+    pub released_datagrams: u64,
+    /// Their bytes.
+    pub released_bytes: u64,
+    /// Where flows go now.
+    pub backend: SocketAddr,
+    /// Whether the pause had been confirmed quiesced (false: a pause still waiting was cancelled).
+    pub was_quiesced: bool,
+}
+
+/// The class of a failed command, as the `kind` of an error reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Malformed JSON, unknown command, bad or missing fields, oversized request.
+    BadRequest,
+    /// No such service.
+    UnknownService,
+    /// The command is not allowed in the service's phase.
+    WrongState,
+    /// The flows did not quiesce before the deadline; the service is active again.
+    NotQuiesced,
+    /// The pause ended (resume command or hold timeout) before it was confirmed.
+    Cancelled,
+    /// The peer is not allowed to use the control socket.
+    PermissionDenied,
+    /// Something failed inside the proxy.
+    Internal,
+}
+
+/// A control command that failed. It changed nothing, except as documented per variant.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// Malformed request.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// No such service.
+    #[error("unknown service {0:?}")]
+    UnknownService(String),
+    /// The service's phase does not allow the command.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The pause's flows did not quiesce in time; the service is active again (nothing held).
+    #[error(
+        "{} flow(s) did not quiesce within {waited_ms} ms; the pause was undone and the service is active again",
+        flows.len()
+    )]
+    NotQuiesced {
+        /// The flows that were not quiet at the deadline.
+        flows: Vec<UnquiescedFlow>,
+        /// How long the pause waited.
+        waited_ms: u64,
+    },
+    /// The pause was ended before it was confirmed.
+    #[error("the pause was ended by {0} before its flows quiesced")]
+    Cancelled(String),
+    /// Internal failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CommandError {
+    /// The error's class.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CommandError::BadRequest(_) => ErrorKind::BadRequest,
+            CommandError::UnknownService(_) => ErrorKind::UnknownService,
+            CommandError::State(_) => ErrorKind::WrongState,
+            CommandError::NotQuiesced { .. } => ErrorKind::NotQuiesced,
+            CommandError::Cancelled(_) => ErrorKind::Cancelled,
+            CommandError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}

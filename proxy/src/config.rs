@@ -1,0 +1,368 @@
+//! The proxy's configuration: services and their limits, from TOML or built in code.
+//!
+//! ```toml
+//! control = "/run/tether/proxy.sock"   # optional; the CLI's --control overrides it
+//! metrics = "127.0.0.1:9464"           # optional; Prometheus text format at /metrics
+//!
+//! [[service]]
+//! name = "kv"
+//! tcp_listen = ["0.0.0.0:7000"]
+//! udp_listen = ["0.0.0.0:7000"]
+//! backend = "10.77.0.100:7000"
+//!
+//! [service.limits]                     # optional; every field optional
+//! max_hold_ms = 5000
+//! udp_max_flows = 4096
+//! ```
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::hold::HoldLimits;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {error}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown or mistyped fields.
+    #[error("parsing the configuration: {0}")]
+    Parse(toml::de::Error),
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole proxy.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Path of the control socket (created fresh, mode 0600).
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+    /// Address of the metrics HTTP server; none if absent.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    /// The services.
+    #[serde(rename = "service", default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One service: where clients connect and where the service is.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Unique name, used in control commands and metrics (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// TCP addresses to accept client connections on.
+    #[serde(default)]
+    pub tcp_listen: Vec<SocketAddr>,
+    /// UDP addresses to receive client datagrams on.
+    #[serde(default)]
+    pub udp_listen: Vec<SocketAddr>,
+    /// The service's address (for TCP and UDP alike).
+    pub backend: SocketAddr,
+    /// Limits; defaults for missing fields.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Per-service limits and timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// A pause not resumed within this time resumes by itself toward the old backend.
+    pub max_hold_ms: u64,
+    /// How long a pause waits for quiescence when the command gives no timeout.
+    pub pause_timeout_ms: u64,
+    /// Size of each TCP copy buffer (two per connection, allocated on first data).
+    pub tcp_buffer_bytes: usize,
+    /// Most concurrent TCP connections; further ones are reset.
+    pub max_tcp_flows: usize,
+    /// Timeout for opening a TCP connection to the backend.
+    pub connect_timeout_ms: u64,
+    /// Most UDP flows (client addresses) per UDP listener; datagrams of further ones are dropped.
+    pub udp_max_flows: usize,
+    /// A UDP flow without traffic either way for this long is removed.
+    pub udp_idle_timeout_ms: u64,
+    /// Most datagrams held per UDP flow during a pause.
+    pub hold_flow_datagrams: usize,
+    /// Most bytes held per UDP flow during a pause.
+    pub hold_flow_bytes: usize,
+    /// Most datagrams held per UDP listener during a pause.
+    pub hold_total_datagrams: usize,
+    /// Most bytes held per UDP listener during a pause.
+    pub hold_total_bytes: usize,
+    /// Held datagrams older than this are discarded.
+    pub hold_max_age_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_hold_ms: 5_000,
+            pause_timeout_ms: 1_000,
+            tcp_buffer_bytes: 16 * 1024,
+            max_tcp_flows: 16_384,
+            connect_timeout_ms: 3_000,
+            udp_max_flows: 4_096,
+            udp_idle_timeout_ms: 120_000,
+            hold_flow_datagrams: 1_024,
+            hold_flow_bytes: 1 << 20,
+            hold_total_datagrams: 65_536,
+            hold_total_bytes: 64 << 20,
+            hold_max_age_ms: 10_000,
+        }
+    }
+}
+
+impl Limits {
+    /// [`max_hold_ms`](Self::max_hold_ms) as a duration.
+    pub fn max_hold(&self) -> Duration {
+        Duration::from_millis(self.max_hold_ms)
+    }
+    /// [`pause_timeout_ms`](Self::pause_timeout_ms) as a duration.
+    pub fn pause_timeout(&self) -> Duration {
+        Duration::from_millis(self.pause_timeout_ms)
+    }
+    /// [`connect_timeout_ms`](Self::connect_timeout_ms) as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    /// [`udp_idle_timeout_ms`](Self::udp_idle_timeout_ms) as a duration.
+    pub fn udp_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.udp_idle_timeout_ms)
+    }
+    /// The UDP hold queue's limits.
+    pub fn hold(&self) -> HoldLimits {
+        HoldLimits {
+            flow_datagrams: self.hold_flow_datagrams,
+            flow_bytes: self.hold_flow_bytes,
+            total_datagrams: self.hold_total_datagrams,
+            total_bytes: self.hold_total_bytes,
+            max_age: Duration::from_millis(self.hold_max_age_ms),
+        }
+    }
+
+    fn validate(&self, service: &str) -> Result<(), ConfigError> {
+        let bad = |what: &str| Err(ConfigError::Invalid(format!("service {service}: {what}")));
+        if self.max_hold_ms == 0 || self.max_hold_ms > 3_600_000 {
+            return bad("max_hold_ms must be between 1 and 3600000");
+        }
+        if self.pause_timeout_ms == 0 {
+            return bad("pause_timeout_ms must be positive");
+        }
+        if !(1024..=(16 << 20)).contains(&self.tcp_buffer_bytes) {
+            return bad("tcp_buffer_bytes must be between 1024 and 16777216");
+        }
+        if self.max_tcp_flows == 0 || self.udp_max_flows == 0 {
+            return bad("max_tcp_flows and udp_max_flows must be positive");
+        }
+        if self.connect_timeout_ms == 0 || self.udp_idle_timeout_ms == 0 {
+            return bad("connect_timeout_ms and udp_idle_timeout_ms must be positive");
+        }
+        if self.hold_flow_datagrams == 0
+            || self.hold_flow_bytes == 0
+            || self.hold_total_datagrams == 0
+            || self.hold_total_bytes == 0
+            || self.hold_max_age_ms == 0
+        {
+            return bad("hold limits must be positive");
+        }
+        Ok(())
+    }
+}
+
+impl ServiceConfig {
+    /// A service with default limits.
+    pub fn new(name: impl Into<String>, backend: SocketAddr) -> ServiceConfig {
+        ServiceConfig {
+            name: name.into(),
+            tcp_listen: Vec::new(),
+            udp_listen: Vec::new(),
+            backend,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Whether `name` is a valid service name.
+pub fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(ConfigError::Parse)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Checks names, addresses and limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.services.is_empty() {
+            return Err(ConfigError::Invalid("no [[service]] configured".into()));
+        }
+        let mut names = HashSet::new();
+        let mut tcp = HashSet::new();
+        let mut udp = HashSet::new();
+        for s in &self.services {
+            if !valid_service_name(&s.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "service name {:?}: use 1-64 letters, digits, '-', '_' or '.'",
+                    s.name
+                )));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {} is configured twice",
+                    s.name
+                )));
+            }
+            if s.tcp_listen.is_empty() && s.udp_listen.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "service {}: no tcp_listen or udp_listen address",
+                    s.name
+                )));
+            }
+            if s.backend.ip().is_unspecified() || s.backend.port() == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "service {}: backend {} needs an address and a port",
+                    s.name, s.backend
+                )));
+            }
+            for a in &s.tcp_listen {
+                if a.port() != 0 && !tcp.insert(*a) {
+                    return Err(ConfigError::Invalid(format!("tcp_listen {a} used twice")));
+                }
+            }
+            for a in &s.udp_listen {
+                if a.port() != 0 && !udp.insert(*a) {
+                    return Err(ConfigError::Invalid(format!("udp_listen {a} used twice")));
+                }
+            }
+            s.limits.validate(&s.name)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config_with_partial_limits() {
+        let c = Config::from_toml(
+            r#"
+            control = "/tmp/p.sock"
+            metrics = "127.0.0.1:9464"
+            [[service]]
+            name = "kv"
+            tcp_listen = ["0.0.0.0:7000", "[::]:7000"]
+            udp_listen = ["0.0.0.0:7001"]
+            backend = "10.77.0.100:7000"
+            [service.limits]
+            max_hold_ms = 2000
+            udp_max_flows = 10
+            [[service]]
+            name = "b"
+            tcp_listen = ["127.0.0.1:0"]
+            backend = "127.0.0.1:1"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.control.as_deref(), Some(Path::new("/tmp/p.sock")));
+        assert_eq!(c.services.len(), 2);
+        let kv = &c.services[0];
+        assert_eq!(kv.tcp_listen.len(), 2);
+        assert_eq!(kv.limits.max_hold(), Duration::from_secs(2));
+        assert_eq!(kv.limits.udp_max_flows, 10);
+        assert_eq!(
+            kv.limits.tcp_buffer_bytes,
+            Limits::default().tcp_buffer_bytes
+        );
+        assert_eq!(c.services[1].limits, Limits::default());
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_shows_the_defaults() {
+        let c = Config::from_toml(include_str!("../proxy.example.toml")).expect("valid");
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(c.services[0].limits, Limits::default());
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let cases = [
+            ("", "no [[service]]"),
+            (
+                "[[service]]\nname='a'\nbackend='1.2.3.4:5'\nbogus=1\ntcp_listen=['127.0.0.1:1']",
+                "unknown field",
+            ),
+            (
+                "[[service]]\nname='a'\nbackend='1.2.3.4:5'",
+                "no tcp_listen",
+            ),
+            (
+                "[[service]]\nname='a b'\nbackend='1.2.3.4:5'\ntcp_listen=['127.0.0.1:1']",
+                "service name",
+            ),
+            (
+                "[[service]]\nname='a'\nbackend='0.0.0.0:5'\ntcp_listen=['127.0.0.1:1']",
+                "needs an address",
+            ),
+            (
+                "[[service]]\nname='a'\nbackend='1.2.3.4:5'\ntcp_listen=['127.0.0.1:1']\n\
+                 [[service]]\nname='a'\nbackend='1.2.3.4:5'\ntcp_listen=['127.0.0.1:2']",
+                "configured twice",
+            ),
+            (
+                "[[service]]\nname='a'\nbackend='1.2.3.4:5'\ntcp_listen=['127.0.0.1:1']\n\
+                 [[service]]\nname='b'\nbackend='1.2.3.4:5'\ntcp_listen=['127.0.0.1:1']",
+                "used twice",
+            ),
+            (
+                "[[service]]\nname='a'\nbackend='1.2.3.4:5'\ntcp_listen=['127.0.0.1:1']\n\
+                 [service.limits]\ntcp_buffer_bytes=1",
+                "tcp_buffer_bytes",
+            ),
+            (
+                "[[service]]\nname='a'\nbackend='1.2.3.4:5'\ntcp_listen=['127.0.0.1:1']\n\
+                 [service.limits]\nmax_hold_ms=0",
+                "max_hold_ms",
+            ),
+            (
+                "[[service]]\nname='a'\nbackend='nope'\ntcp_listen=['127.0.0.1:1']",
+                "invalid socket address",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Config::from_toml(text).expect_err(text).to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! The UDP (QUIC) data path of one listen address: an actor task that owns the listen socket's
+//! receive side, the flow table and the hold queue, and takes commands from the service's
+//! coordinator between datagrams (so that holding, releasing and redirecting are ordered with
+//! the datagrams exactly).
+//!
+//! - One upstream socket per client address, connected to the backend: the service sees one
+//!   peer per client, as it would without the proxy. A reader task per flow sends what the
+//!   service answers back to the client from the listen socket; it never stops, also not while
+//!   paused.
+//! - The flow table has a size limit: a datagram from a new client while it is full is dropped
+//!   and counted, existing flows are unaffected. Flows idle (both ways) longer than the idle
+//!   timeout are removed, except while holding.
+//! - While holding, client datagrams go to the [`HoldQueue`] (limits by datagrams, bytes and age,
+//!   per flow and in total, drops counted); a release sends them in arrival order before any
+//!   datagram that arrives later.
+//! - Redirect re-connects every flow's upstream socket to the new backend (same local port, so
+//!   a QUIC server sees the same peer address) and sends new flows there.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{UdpFlowInfo, UnquiescedFlow};
+use crate::config::Limits;
+use crate::hold::{HoldQueue, Usage};
+use crate::metrics::{DropReason, ServiceMetrics};
+use crate::sys;
+
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// What the coordinator asks of a UDP actor; each command is answered on its channel.
+#[derive(Debug)]
+pub(crate) enum UdpCmd {
+    /// Start holding client datagrams.
+    Hold(oneshot::Sender<()>),
+    /// Send what is held, in order, and stop holding.
+    Release(oneshot::Sender<Usage>),
+    /// Send flows to a new backend: (flows re-pointed, flows removed).
+    Redirect(SocketAddr, oneshot::Sender<(u64, u64)>),
+    /// Flows whose upstream socket still has bytes queued.
+    CheckQuiet(oneshot::Sender<Vec<UnquiescedFlow>>),
+    /// Snapshot of the flows.
+    List(oneshot::Sender<Vec<UdpFlowInfo>>),
+}
+
+/// The coordinator's side of a UDP actor.
+#[derive(Debug, Clone)]
+pub(crate) struct UdpHandle {
+    tx: mpsc::Sender<UdpCmd>,
+}
+
+impl UdpHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> UdpCmd) -> io::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || io::Error::other("UDP listener task has stopped");
+        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+    pub async fn hold(&self) -> io::Result<()> {
+        self.ask(UdpCmd::Hold).await
+    }
+    pub async fn release(&self) -> io::Result<Usage> {
+        self.ask(UdpCmd::Release).await
+    }
+    pub async fn redirect(&self, to: SocketAddr) -> io::Result<(u64, u64)> {
+        self.ask(|tx| UdpCmd::Redirect(to, tx)).await
+    }
+    pub async fn check_quiet(&self) -> io::Result<Vec<UnquiescedFlow>> {
+        self.ask(UdpCmd::CheckQuiet).await
+    }
+    pub async fn list(&self) -> io::Result<Vec<UdpFlowInfo>> {
+        self.ask(UdpCmd::List).await
+    }
+}
+
+/// Counters of one flow, shared with its reader task.
+#[derive(Debug, Default)]
+struct FlowShared {
+    /// Milliseconds since the actor's epoch at the last datagram either way.
+    last_ms: AtomicU64,
+    datagrams_to_service: AtomicU64,
+    datagrams_to_client: AtomicU64,
+    bytes_to_service: AtomicU64,
+    bytes_to_client: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Flow {
+    id: u64,
+    upstream: Arc<UdpSocket>,
+    backend: SocketAddr,
+    shared: Arc<FlowShared>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Allocates flow ids unique within a service (shared with its TCP flows).
+pub(crate) type IdSource = Arc<AtomicU64>;
+
+/// Binds a UDP listen socket.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = std::net::UdpSocket::bind(addr)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// The actor for one listen socket, to be spawned; it runs until every [`UdpHandle`] is
+/// dropped.
+pub(crate) fn actor(
+    service: String,
+    socket: std::net::UdpSocket,
+    backend: SocketAddr,
+    limits: Limits,
+    metrics: Arc<ServiceMetrics>,
+    ids: IdSource,
+) -> io::Result<(UdpHandle, impl std::future::Future<Output = ()> + Send)> {
+    let listen = Arc::new(UdpSocket::from_std(socket)?);
+    let local = listen.local_addr()?;
+    let (tx, rx) = mpsc::channel(16);
+    let actor = Actor {
+        service,
+        listen,
+        local,
+        backend,
+        limits,
+        metrics,
+        ids,
+        flows: HashMap::new(),
+        holding: false,
+        queue: HoldQueue::new(limits.hold()),
+        epoch: Instant::now(),
+        rx,
+    };
+    Ok((UdpHandle { tx }, actor.run()))
+}
+
+struct Actor {
+    service: String,
+    listen: Arc<UdpSocket>,
+    local: SocketAddr,
+    backend: SocketAddr,
+    limits: Limits,
+    metrics: Arc<ServiceMetrics>,
+    ids: IdSource,
+    flows: HashMap<SocketAddr, Flow>,
+    holding: bool,
+    queue: HoldQueue<SocketAddr>,
+    epoch: Instant,
+    rx: mpsc::Receiver<UdpCmd>,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let period = (self.limits.udp_idle_timeout() / 4)
+            .min(self.limits.hold().max_age / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.command(cmd).await,
+                    None => break,
+                },
+                r = self.listen.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => self.client_datagram(&buf[..n], from).await,
+                    Err(e) => {
+                        tracing::debug!(service = %self.service, listen = %self.local, "recv: {e}");
+                    }
+                },
+                _ = tick.tick() => self.housekeeping(Instant::now()),
+            }
+        }
+        self.forget_held();
+        let n = self.flows.len() as i64;
+        self.metrics.udp_flows.add(-n);
+    }
+
+    fn now_ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn command(&mut self, cmd: UdpCmd) {
+        match cmd {
+            UdpCmd::Hold(tx) => {
+                self.holding = true;
+                let _ = tx.send(());
+            }
+            UdpCmd::Release(tx) => {
+                let released = self.release().await;
+                let _ = tx.send(released);
+            }
+            UdpCmd::Redirect(to, tx) => {
+                let r = self.redirect(to).await;
+                let _ = tx.send(r);
+            }
+            UdpCmd::CheckQuiet(tx) => {
+                let v = self
+                    .flows
+                    .iter()
+                    .filter_map(|(client, f)| match sys::outq(f.upstream.as_fd()) {
+                        Ok(0) => None,
+                        r => Some(UnquiescedFlow {
+                            proto: "udp".into(),
+                            id: f.id,
+                            client: *client,
+                            reason: match &r {
+                                Err(e) => format!("SIOCOUTQ: {e}"),
+                                Ok(_) => "datagrams queued upstream".into(),
+                            },
+                            upstream_outq: r.ok(),
+                        }),
+                    })
+                    .collect();
+                let _ = tx.send(v);
+            }
+            UdpCmd::List(tx) => {
+                let now = self.now_ms(Instant::now());
+                let v = self
+                    .flows
+                    .iter()
+                    .map(|(client, f)| {
+                        let held = self.queue.flow_usage(client);
+                        let s = &f.shared;
+                        UdpFlowInfo {
+                            id: f.id,
+                            client: *client,
+                            listen: self.local,
+                            backend: f.backend,
+                            upstream_local: f
+                                .upstream
+                                .local_addr()
+                                .unwrap_or_else(|_| unspecified(f.backend)),
+                            datagrams_to_service: s.datagrams_to_service.load(Ordering::Relaxed),
+                            datagrams_to_client: s.datagrams_to_client.load(Ordering::Relaxed),
+                            bytes_to_service: s.bytes_to_service.load(Ordering::Relaxed),
+                            bytes_to_client: s.bytes_to_client.load(Ordering::Relaxed),
+                            idle_ms: now.saturating_sub(s.last_ms.load(Ordering::Relaxed)),
+                            held_datagrams: held.datagrams as u64,
+                            held_bytes: held.bytes as u64,
+                        }
+                    })
+                    .collect();
+                let _ = tx.send(v);
+            }
+        }
+    }
+
+    async fn client_datagram(&mut self, data: &[u8], from: SocketAddr) {
+        let now = Instant::now();
+        if !self.flows.contains_key(&from) {
+            if self.flows.len() >= self.limits.udp_max_flows {
+                self.metrics.drop_one(DropReason::UdpFlowTableFull);
+                return;
+            }
+            match self.new_flow(from) {
+                Ok(f) => {
+                    self.flows.insert(from, f);
+                    self.metrics.udp_flows.add(1);
+                    self.metrics.udp_flows_total.inc();
+                }
+                Err(e) => {
+                    tracing::warn!(service = %self.service, client = %from, backend = %self.backend, "new UDP flow: {e}");
+                    self.metrics.drop_one(DropReason::UdpUpstreamSocket);
+                    return;
+                }
+            }
+        }
+        let now_ms = self.now_ms(now);
+        if let Some(f) = self.flows.get(&from) {
+            f.shared.last_ms.store(now_ms, Ordering::Relaxed);
+        }
+        if self.holding {
+            self.expire(now);
+            match self.queue.push(from, data.to_vec(), now) {
+                Ok(()) => {
+                    self.metrics.held_datagrams.add(1);
+                    self.metrics.held_bytes.add(data.len() as i64);
+                }
+                Err(reason) => self.metrics.drop_one(reason),
+            }
+        } else {
+            self.send(from, data).await;
+        }
+    }
+
+    /// Sends one datagram of `client`'s flow upstream, counting it.
+    async fn send(&self, client: SocketAddr, data: &[u8]) -> bool {
+        let Some(f) = self.flows.get(&client) else {
+            self.metrics.drop_one(DropReason::UdpUpstreamSend);
+            return false;
+        };
+        let mut r = f.upstream.send(data).await;
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused) {
+            // A pending ICMP error from an earlier datagram (e.g. while the service moved) is
+            // reported on this call; the datagram itself may not have been sent: retry once.
+            r = f.upstream.send(data).await;
+        }
+        match r {
+            Ok(_) => {
+                let s = &f.shared;
+                s.datagrams_to_service.fetch_add(1, Ordering::Relaxed);
+                s.bytes_to_service
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.metrics.udp_datagrams_to_service.inc();
+                self.metrics.udp_bytes_to_service.add(data.len() as u64);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(service = %self.service, %client, "send upstream: {e}");
+                self.metrics.drop_one(DropReason::UdpUpstreamSend);
+                false
+            }
+        }
+    }
+
+    fn new_flow(&self, client: SocketAddr) -> io::Result<Flow> {
+        let sock = std::net::UdpSocket::bind(unspecified(self.backend))?;
+        sock.set_nonblocking(true)?;
+        sock.connect(self.backend)?;
+        let upstream = Arc::new(UdpSocket::from_std(sock)?);
+        let shared = Arc::new(FlowShared::default());
+        let reader = tokio::spawn(reader(
+            upstream.clone(),
+            self.listen.clone(),
+            client,
+            shared.clone(),
+            self.metrics.clone(),
+            self.epoch,
+        ));
+        Ok(Flow {
+            id: self.ids.fetch_add(1, Ordering::Relaxed),
+            upstream,
+            backend: self.backend,
+            shared,
+            reader,
+        })
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let dropped = self.queue.expire(now);
+        if dropped.datagrams > 0 {
+            self.metrics
+                .drop_n(DropReason::HoldAge, dropped.datagrams as u64);
+            self.account_unheld(dropped);
+        }
+    }
+
+    fn account_unheld(&self, u: Usage) {
+        self.metrics.held_datagrams.add(-(u.datagrams as i64));
+        self.metrics.held_bytes.add(-(u.bytes as i64));
+    }
+
+    async fn release(&mut self) -> Usage {
+        self.expire(Instant::now());
+        let mut released = Usage::default();
+        while let Some(h) = self.queue.pop() {
+            let one = Usage {
+                datagrams: 1,
+                bytes: h.data.len(),
+            };
+            self.account_unheld(one);
+            if self.send(h.flow, &h.data).await {
+                released.datagrams += 1;
+                released.bytes += h.data.len();
+            }
+        }
+        self.metrics
+            .released_datagrams_total
+            .add(released.datagrams as u64);
+        self.holding = false;
+        released
+    }
+
+    async fn redirect(&mut self, to: SocketAddr) -> (u64, u64) {
+        self.backend = to;
+        let mut ok = 0;
+        let mut failed = Vec::new();
+        for (client, f) in self.flows.iter_mut() {
+            match f.upstream.connect(to).await {
+                Ok(()) => {
+                    f.backend = to;
+                    ok += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(service = %self.service, %client, %to, "re-pointing UDP flow: {e}");
+                    failed.push(*client);
+                }
+            }
+        }
+        for client in &failed {
+            self.remove_flow(client);
+        }
+        (ok, failed.len() as u64)
+    }
+
+    fn remove_flow(&mut self, client: &SocketAddr) {
+        if self.flows.remove(client).is_some() {
+            self.metrics.udp_flows.add(-1);
+            let u = self.queue.remove_flow(client);
+            if u.datagrams > 0 {
+                self.account_unheld(u);
+                self.metrics
+                    .drop_n(DropReason::UdpUpstreamSocket, u.datagrams as u64);
+            }
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        if self.holding {
+            self.expire(now);
+            return;
+        }
+        let idle = self.limits.udp_idle_timeout_ms;
+        let now_ms = self.now_ms(now);
+        let stale: Vec<SocketAddr> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now_ms.saturating_sub(f.shared.last_ms.load(Ordering::Relaxed)) > idle)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in &stale {
+            self.remove_flow(c);
+        }
+        if !stale.is_empty() {
+            tracing::debug!(service = %self.service, listen = %self.local, "removed {} idle UDP flows", stale.len());
+        }
+    }
+
+    fn forget_held(&mut self) {
+        let u = self.queue.usage();
+        self.account_unheld(u);
+        while self.queue.pop().is_some() {}
+    }
+}
+
+fn unspecified(like: SocketAddr) -> SocketAddr {
+    if like.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    }
+}
+
+thread_local! {
+    /// Receive buffer of the flow reader tasks on this thread: one per thread rather than one
+    /// per flow (it is never held across an await).
+    static RECV_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+/// Relays the service's datagrams of one flow to the client, from the listen socket.
+async fn reader(
+    upstream: Arc<UdpSocket>,
+    listen: Arc<UdpSocket>,
+    client: SocketAddr,
+    shared: Arc<FlowShared>,
+    metrics: Arc<ServiceMetrics>,
+    epoch: Instant,
+) {
+    let mut errors = 0u32;
+    loop {
+        if upstream.readable().await.is_err() {
+            return;
+        }
+        // Receive and try to send in one synchronous step, so the shared buffer is never held
+        // across an await; a datagram the listen socket cannot take at once is copied.
+        let step = RECV_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            match upstream.try_recv(&mut b) {
+                Ok(n) => match listen.try_send_to(&b[..n], client) {
+                    Ok(_) => Ok(Some((n, None))),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        Ok(Some((n, Some(b[..n].to_vec()))))
+                    }
+                    Err(e) => {
+                        tracing::debug!(%client, "send to client: {e}");
+                        metrics.drop_one(DropReason::UdpClientSend);
+                        Ok(None)
+                    }
+                },
+                Err(e) => Err(e),
+            }
+        });
+        let sent = match step {
+            Ok(Some((n, None))) => Some(n),
+            Ok(Some((n, Some(copy)))) => match listen.send_to(&copy, client).await {
+                Ok(_) => Some(n),
+                Err(e) => {
+                    tracing::debug!(%client, "send to client: {e}");
+                    metrics.drop_one(DropReason::UdpClientSend);
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // ICMP errors from the service side (port unreachable while it moves): keep going.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => {
+                errors += 1;
+                tracing::debug!(%client, "receive from service: {e}");
+                if errors > 100 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                continue;
+            }
+        };
+        if let Some(n) = sent {
+            errors = 0;
+            let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            shared.last_ms.store(ms, Ordering::Relaxed);
+            shared.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
+            shared
+                .bytes_to_client
+                .fetch_add(n as u64, Ordering::Relaxed);
+            metrics.udp_datagrams_to_client.inc();
+            metrics.udp_bytes_to_client.add(n as u64);
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! `tether`: live-migrate stateful services between hosts with CRIU.
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// Live migration of stateful edge services with CRIU, keeping client connections open.
+#[derive(Debug, Parser)]
+#[command(name = "tether", version, about, long_about = None)]
+struct Args {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info`, `tether_migrator=debug`.
+    #[arg(long, global = true, env = "TETHER_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a development CA and one certificate per host (mutual TLS between hosts).
+    Certs(cli::certs::CertsArgs),
+    /// Run the destination agent that receives and restores migrations.
+    Agent(cli::agent::AgentArgs),
+    /// Migrate a running process tree to another host's agent.
+    Migrate(cli::migrate::MigrateArgs),
+    /// Measure how fast a running process tree writes memory.
+    DirtyRate(cli::dirty_rate::DirtyRateArgs),
+    /// Run the L4 proxy that keeps client flows open across migrations.
+    Proxy(cli::proxy::ProxyArgs),
+    /// Control a running proxy: status, flows, pause, redirect, resume.
+    Proxyctl(cli::proxyctl::ProxyctlArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match args.command {
+        Command::Certs(a) => cli::certs::run(a),
+        Command::Agent(a) => cli::runtime().and_then(|rt| rt.block_on(cli::agent::run(a))),
+        Command::Migrate(a) => cli::runtime().and_then(|rt| rt.block_on(cli::migrate::run(a))),
+        Command::DirtyRate(a) => cli::dirty_rate::run(a),
+        Command::Proxy(a) => cli::runtime().and_then(|rt| rt.block_on(cli::proxy::run(a))),
+        Command::Proxyctl(a) => cli::runtime().and_then(|rt| rt.block_on(cli::proxyctl::run(a))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tether: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! A migration scenario on the test bed, shared by the integration tests, the demo and the
+//! benchmarks: a [`Topology`], certificates, a `tether agent` on `src` and on `dst`, the example
+//! service on `src`, load clients on `client`, and `tether migrate` between the hosts.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::testbed::{become_subreaper, Host, HostProcess, ServiceProcess, Topology};
+use tether_migrator::report::Report;
+
+/// Port of the example service (TCP and UDP).
+pub const SERVICE_PORT: u16 = 7000;
+/// Port of the agents (UDP, QUIC).
+pub const AGENT_PORT: u16 = 7700;
+
+/// The programs a scenario runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The `tether` CLI.
+    pub tether: PathBuf,
+    /// `examples/service`.
+    pub service: PathBuf,
+    /// `examples/client`.
+    pub client: PathBuf,
+}
+
+impl Binaries {
+    /// The binaries of the build an example (demo, benchmark) belongs to:
+    /// `target/<profile>/examples/NAME` -> `target/<profile>/tether`.
+    pub fn for_this_example() -> anyhow::Result<Binaries> {
+        let exe = std::env::current_exe()?;
+        let tether = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .map(|d| d.join("tether"))
+            .context("cannot find the tether binary beside this example")?;
+        Binaries::beside(&tether)
+    }
+
+    /// The examples built beside a `tether` binary (`target/<profile>/examples/`).
+    pub fn beside(tether: &Path) -> anyhow::Result<Binaries> {
+        let dir = tether
+            .parent()
+            .context("tether binary has no parent directory")?;
+        let b = Binaries {
+            tether: tether.to_path_buf(),
+            service: dir.join("examples/service"),
+            client: dir.join("examples/client"),
+        };
+        for p in [&b.tether, &b.service, &b.client] {
+            if !p.is_file() {
+                bail!(
+                    "{} is missing: build it first (`cargo build --examples`)",
+                    p.display()
+                );
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// How to set a scenario up.
+#[derive(Debug, Clone)]
+pub struct ScenarioConfig {
+    /// tbf rate of the src-dst link, bits/s.
+    pub link_rate: Option<u64>,
+    /// Memory state of the service, MiB.
+    pub state_mb: u32,
+    /// Pages the service rewrites per second.
+    pub dirty_pages_per_sec: u32,
+    /// Run a `tether proxy` on a `proxy` host in front of the service.
+    pub proxy: bool,
+}
+
+impl Default for ScenarioConfig {
+    fn default() -> Self {
+        ScenarioConfig {
+            link_rate: None,
+            state_mb: 16,
+            dirty_pages_per_sec: 100,
+            proxy: false,
+        }
+    }
+}
+
+/// The proxy's name for the example service.
+pub const PROXY_SERVICE: &str = "example";
+
+/// A running scenario. Dropping it stops everything and removes the topology.
+#[derive(Debug)]
+pub struct Scenario {
+    // Field order is drop order: processes before the topology that holds their namespaces.
+    proxy: Option<HostProcess>,
+    agents: Vec<(Host, HostProcess)>,
+    service: Option<ServiceProcess>,
+    /// The topology.
+    pub topo: Topology,
+    bins: Binaries,
+    certs: PathBuf,
+    location: Host,
+    pid: u32,
+    migrations: u32,
+    client_runs: u32,
+}
+
+/// What `tether migrate` did.
+#[derive(Debug)]
+pub struct MigrateRun {
+    /// Whether it exited 0.
+    pub success: bool,
+    /// Its stderr.
+    pub stderr: String,
+    /// Its report, if it wrote one.
+    pub report: Option<Report>,
+    /// Wall time of the command.
+    pub elapsed: Duration,
+}
+
+impl Scenario {
+    /// Builds the topology, certificates and agents, and starts the service on `src`.
+    pub fn start(bins: Binaries, cfg: &ScenarioConfig) -> anyhow::Result<Scenario> {
+        become_subreaper()?;
+        let mut b = Topology::builder().with_proxy(cfg.proxy);
+        if let Some(rate) = cfg.link_rate {
+            b = b.migration_link_rate(rate);
+        }
+        let topo = b.build()?;
+        let certs = topo.work_dir().join("certs");
+        tether_migrator::tls::generate(&certs, &["src".into(), "dst".into()])?;
+        let mut s = Scenario {
+            proxy: None,
+            agents: Vec::new(),
+            service: None,
+            topo,
+            bins,
+            certs,
+            location: Host::Src,
+            pid: 0,
+            migrations: 0,
+            client_runs: 0,
+        };
+        s.topo.run(
+            Host::Src,
+            &["ip", "addr", "add", s.topo.service_cidr(), "dev", "eth0"],
+        )?;
+        for host in [Host::Src, Host::Dst] {
+            s.start_agent(host)?;
+        }
+        let log = s.topo.work_dir().join("service.log");
+        let listen = s.service_addr().to_string();
+        let svc = s.topo.spawn_service(
+            Host::Src,
+            &s.bins.service,
+            [
+                "--listen",
+                &listen,
+                "--state-mb",
+                &cfg.state_mb.to_string(),
+                "--dirty-pages-per-sec",
+                &cfg.dirty_pages_per_sec.to_string(),
+            ],
+            Some(&log),
+        )?;
+        s.pid = svc.pid();
+        s.service = Some(svc);
+        s.topo
+            .wait_for_tcp(Host::Client, s.service_addr(), Duration::from_secs(60))
+            .context("the example service did not come up")?;
+        if cfg.proxy {
+            let log = s.topo.work_dir().join("proxy.log");
+            let front = s.proxy_addr().to_string();
+            let proc = s.topo.spawn(
+                Host::Proxy,
+                &s.bins.tether,
+                [
+                    "proxy",
+                    "--name",
+                    PROXY_SERVICE,
+                    "--tcp-listen",
+                    &front,
+                    "--udp-listen",
+                    &front,
+                    "--backend",
+                    &s.service_addr().to_string(),
+                    "--control",
+                    &s.proxy_socket().display().to_string(),
+                ],
+                Some(&log),
+            )?;
+            s.proxy = Some(proc);
+            s.topo
+                .wait_for_tcp(Host::Client, s.proxy_addr(), Duration::from_secs(20))
+                .context("the proxy did not come up")?;
+        }
+        Ok(s)
+    }
+
+    /// The proxy's front address for the service (clients connect here).
+    pub fn proxy_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.topo.lan_addr(Host::Proxy), SERVICE_PORT))
+    }
+
+    /// The proxy's control socket.
+    pub fn proxy_socket(&self) -> PathBuf {
+        self.topo.work_dir().join("proxy.sock")
+    }
+
+    /// `tether migrate` arguments that drive the scenario's proxy.
+    pub fn proxy_args(&self) -> Vec<String> {
+        vec![
+            "--proxy".into(),
+            self.proxy_socket().display().to_string(),
+            "--service".into(),
+            PROXY_SERVICE.into(),
+        ]
+    }
+
+    /// The service's address and port.
+    pub fn service_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.topo.service_ip(), SERVICE_PORT))
+    }
+
+    /// Where the service runs now.
+    pub fn location(&self) -> Host {
+        self.location
+    }
+
+    /// The service's current host pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The certificate directory of a host.
+    pub fn certs(&self, host: Host) -> PathBuf {
+        self.certs.join(host.name())
+    }
+
+    /// The certificate root (CA and all hosts).
+    pub fn certs_root(&self) -> &Path {
+        &self.certs
+    }
+
+    /// The agent's migration address on a host.
+    pub fn agent_addr(&self, host: Host) -> SocketAddr {
+        SocketAddr::from((self.topo.migration_addr(host), AGENT_PORT))
+    }
+
+    /// The agent's log file on a host.
+    pub fn agent_log(&self, host: Host) -> PathBuf {
+        self.topo
+            .work_dir()
+            .join(format!("agent-{}.log", host.name()))
+    }
+
+    /// The `tether` binary.
+    pub fn tether(&self) -> &Path {
+        &self.bins.tether
+    }
+
+    /// Starts (or restarts) the agent on `host` and waits until it listens.
+    pub fn start_agent(&mut self, host: Host) -> anyhow::Result<()> {
+        self.agents.retain(|(h, _)| *h != host);
+        let log = self.agent_log(host);
+        let before = std::fs::read_to_string(&log).map(|s| s.len()).unwrap_or(0);
+        let work = format!("/dev/shm/{}-agent-{}", self.topo.prefix(), host.name());
+        let state = self.topo.work_dir().join(format!("state-{}", host.name()));
+        let listen = self.agent_addr(host).to_string();
+        let certs = self.certs(host);
+        let proc = self.topo.spawn(
+            host,
+            &self.bins.tether,
+            [
+                "agent",
+                "--listen",
+                &listen,
+                "--certs",
+                &certs.display().to_string(),
+                "--work-dir",
+                &work,
+                "--state-dir",
+                &state.display().to_string(),
+            ],
+            Some(&log),
+        )?;
+        self.agents.push((host, proc));
+        wait_for_log(&log, before, "agent ready", Duration::from_secs(20))
+            .with_context(|| format!("agent on {host} did not start"))
+    }
+
+    /// Kills the agent on `host` with SIGKILL (a crash).
+    pub fn kill_agent(&mut self, host: Host) -> anyhow::Result<()> {
+        let Some(i) = self.agents.iter().position(|(h, _)| *h == host) else {
+            bail!("no agent on {host}");
+        };
+        let (_, mut proc) = self.agents.remove(i);
+        let _ = proc.child_mut().kill();
+        let _ = proc.child_mut().wait();
+        Ok(())
+    }
+
+    /// Starts a load client on `client` talking to the service directly: `tcp` TCP connections
+    /// and `quic` QUIC connections for `duration`. Its JSON report is collected by
+    /// [`ClientRun::finish`].
+    pub fn start_clients(
+        &mut self,
+        tcp: u32,
+        quic: u32,
+        duration: Duration,
+        verify_every: Option<u32>,
+    ) -> anyhow::Result<ClientRun> {
+        let target = self.service_addr();
+        self.start_clients_to(target, tcp, quic, duration, verify_every, &[])
+    }
+
+    /// Like [`start_clients`](Self::start_clients), to another address (e.g. the proxy's).
+    pub fn start_clients_to(
+        &mut self,
+        target: SocketAddr,
+        tcp: u32,
+        quic: u32,
+        duration: Duration,
+        verify_every: Option<u32>,
+        extra: &[&str],
+    ) -> anyhow::Result<ClientRun> {
+        let n = self.client_runs;
+        self.client_runs += 1;
+        let json = self.topo.work_dir().join(format!("client-{n}.json"));
+        let log = self.topo.work_dir().join(format!("client-{n}.log"));
+        let mut args = vec![
+            "--target".to_string(),
+            target.to_string(),
+            "--tcp".into(),
+            tcp.to_string(),
+            "--quic".into(),
+            quic.to_string(),
+            "--duration".into(),
+            format!("{:.3}", duration.as_secs_f64()),
+            "--json".into(),
+            json.display().to_string(),
+        ];
+        if let Some(s) = verify_every {
+            args.extend(["--verify-every-secs".into(), s.to_string()]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let proc = self
+            .topo
+            .spawn(Host::Client, &self.bins.client, &args, Some(&log))?;
+        Ok(ClientRun {
+            proc: Some(proc),
+            json,
+            log,
+            deadline: Instant::now() + duration + Duration::from_secs(40),
+        })
+    }
+
+    /// Asks the service to verify its memory state (one-shot client). Returns the digest.
+    pub fn verify_state(&self) -> anyhow::Result<u64> {
+        let out = self
+            .topo
+            .command(Host::Client, &self.bins.client)
+            .args([
+                "--target",
+                &self.service_addr().to_string(),
+                "--verify-state",
+            ])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "verify-state printed no JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if v["ok"] != serde_json::Value::Bool(true) || !out.status.success() {
+            bail!("service state verification failed: {v}");
+        }
+        v["digest"].as_u64().context("no digest")
+    }
+
+    /// The `tether migrate` command that moves the service from its current host to `to` with the
+    /// certificates in `certs`, for callers that run it themselves (in the background, to
+    /// interrupt it); [`migrate_with`](Self::migrate_with) runs it and reads the report.
+    pub fn migrate_command(&self, to: Host, certs: &Path) -> std::process::Command {
+        let mut cmd = self.topo.command(self.location, &self.bins.tether);
+        cmd.args([
+            "migrate",
+            "--pid",
+            &self.pid.to_string(),
+            "--to",
+            &self.agent_addr(to).to_string(),
+            "--certs",
+            &certs.display().to_string(),
+            "--service-addr",
+            self.topo.service_cidr(),
+        ]);
+        cmd
+    }
+
+    /// Runs `tether migrate` from the service's current host to `to`, with another certificate
+    /// directory if given, and extra arguments.
+    pub fn migrate_with(
+        &mut self,
+        to: Host,
+        certs: Option<&Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<MigrateRun> {
+        let from = self.location;
+        let report = self
+            .topo
+            .work_dir()
+            .join(format!("report-{}.json", self.migrations));
+        self.migrations += 1;
+        let certs = certs
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.certs(from));
+        let mut cmd = self.migrate_command(to, &certs);
+        cmd.args(["--report", &report.display().to_string()]);
+        cmd.args(extra);
+        let t0 = Instant::now();
+        let out: Output = cmd.output().context("cannot run tether migrate")?;
+        let elapsed = t0.elapsed();
+        let report: Option<Report> = std::fs::read(&report)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let run = MigrateRun {
+            success: out.status.success(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            report,
+            elapsed,
+        };
+        if run.success {
+            let pid = run
+                .report
+                .as_ref()
+                .and_then(|r| r.destination_pid)
+                .context("a committed migration without a destination pid")?;
+            self.location = to;
+            self.pid = u32::try_from(pid).context("bad destination pid")?;
+        }
+        Ok(run)
+    }
+
+    /// Migrates to `to` and fails unless the migration committed.
+    pub fn migrate(&mut self, to: Host) -> anyhow::Result<Report> {
+        let run = self.migrate_with(to, None, &[])?;
+        if !run.success {
+            bail!("migration to {to} failed:\n{}", run.stderr);
+        }
+        run.report.context("no report")
+    }
+
+    /// Whether the service's current process is alive.
+    pub fn service_alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+
+    /// IPv4 addresses on a host's `eth0`.
+    pub fn addresses(&self, host: Host) -> anyhow::Result<Vec<Ipv4Addr>> {
+        let out = self
+            .topo
+            .run(host, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect())
+    }
+
+    /// The `inet` nftables tables of a host.
+    pub fn nft_tables(&self, host: Host) -> anyhow::Result<Vec<String>> {
+        let out = self.topo.run(host, &["nft", "list", "tables", "inet"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.strip_prefix("table inet "))
+            .map(str::to_string)
+            .collect())
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        for (host, _) in &self.agents {
+            let _ = std::fs::remove_dir_all(format!(
+                "/dev/shm/{}-agent-{}",
+                self.topo.prefix(),
+                host.name()
+            ));
+        }
+    }
+}
+
+/// A running load client.
+#[derive(Debug)]
+pub struct ClientRun {
+    proc: Option<HostProcess>,
+    json: PathBuf,
+    log: PathBuf,
+    deadline: Instant,
+}
+
+impl ClientRun {
+    /// Waits for the client to finish its run and returns its report.
+    pub fn finish(mut self) -> anyhow::Result<ClientReport> {
+        let mut proc = self.proc.take().context("client already finished")?;
+        loop {
+            if proc.try_wait()?.is_some() {
+                break;
+            }
+            if Instant::now() > self.deadline {
+                proc.stop();
+                bail!("the load client did not finish in time");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(&self.json).with_context(|| {
+            format!(
+                "the load client wrote no report; its log: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("bad client report: {text}"))
+    }
+}
+
+/// Per-protocol figures of a load client's report.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProtoReport {
+    /// Connections opened.
+    pub connections: u64,
+    /// Connections that saw no error.
+    pub ok_connections: u64,
+    /// Requests answered and verified.
+    pub requests: u64,
+    /// Payload bytes verified.
+    pub bytes_verified: u64,
+    /// Connections that failed.
+    pub errors: u64,
+    /// Resets seen.
+    pub resets: u64,
+    /// Longest time without a reply on any connection, ms.
+    pub max_stall_ms: f64,
+}
+
+/// Periodic state verification results.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VerifyReport {
+    /// Verifications that passed.
+    pub ok: u64,
+    /// Verifications that failed.
+    pub failed: u64,
+}
+
+/// A load client's JSON report.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClientReport {
+    /// TCP figures.
+    pub tcp: ProtoReport,
+    /// QUIC figures.
+    pub quic: ProtoReport,
+    /// Periodic state verifications.
+    pub state_verifications: VerifyReport,
+    /// The first errors, described.
+    pub errors: Vec<String>,
+    /// True if nothing went wrong.
+    pub ok: bool,
+}
+
+fn wait_for_log(log: &Path, from: usize, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.get(from..).is_some_and(|t| t.contains(needle)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "`{needle}` did not appear in {} within {timeout:?}; it says:\n{}",
+                log.display(),
+                text.get(from..).unwrap_or("")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,35 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use tether::scenario::{Binaries, ClientReport, Scenario, ScenarioConfig};
+use tether::testbed::prerequisites_or_fail;
+
+/// A scenario with the binaries of this build; fails (never skips) when the machine lacks root,
+/// namespaces or CRIU.
+pub fn scenario(cfg: &ScenarioConfig) -> Scenario {
+    prerequisites_or_fail();
+    let bins = Binaries::beside(env!("CARGO_BIN_EXE_tether").as_ref()).expect("binaries");
+    Scenario::start(bins, cfg).expect("scenario starts")
+}
+
+/// Asserts a load client saw no error, reset or lost connection, and no failed verification.
+pub fn assert_clean(r: &ClientReport, what: &str) {
+    assert!(
+        r.ok && r.errors.is_empty(),
+        "{what}: client saw errors: {:?}",
+        r.errors
+    );
+    for (name, p) in [("tcp", &r.tcp), ("quic", &r.quic)] {
+        assert_eq!(p.errors, 0, "{what}: {name} errors");
+        assert_eq!(p.resets, 0, "{what}: {name} resets");
+        assert_eq!(
+            p.ok_connections, p.connections,
+            "{what}: {name} connections lost"
+        );
+    }
+    assert_eq!(
+        r.state_verifications.failed, 0,
+        "{what}: state verification"
+    );
+}

@@ -1,0 +1,330 @@
+//! Integration tests of live migration with real CRIU, real network namespaces as hosts, real
+//! QUIC with mutual TLS and kernel TCP repair. They need root, `ip`, `nft`, `tc` and a working
+//! CRIU (`scripts/setup.sh`); without them they fail with a message saying what is missing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_clean, scenario};
+use tether::scenario::{Scenario, ScenarioConfig};
+use tether::testbed::Host;
+
+#[test]
+fn tcp_service_with_16_connections_moves_src_dst_src() {
+    let mut s = scenario(&ScenarioConfig::default());
+    let clients = s
+        .start_clients(16, 0, Duration::from_secs(8), Some(1))
+        .expect("clients");
+    std::thread::sleep(Duration::from_millis(1500));
+    let there = s.migrate(Host::Dst).expect("src -> dst");
+    assert_eq!(s.location(), Host::Dst);
+    s.verify_state().expect("state verifies on dst");
+    std::thread::sleep(Duration::from_millis(1000));
+    let back = s.migrate(Host::Src).expect("dst -> src");
+    s.verify_state().expect("state verifies back on src");
+    let r = clients.finish().expect("client report");
+    println!(
+        "downtime {:.1} ms and {:.1} ms; client max stall {:.1} ms; {} requests, {} bytes verified",
+        there.timings.downtime_ms,
+        back.timings.downtime_ms,
+        r.tcp.max_stall_ms,
+        r.tcp.requests,
+        r.tcp.bytes_verified
+    );
+    assert_clean(&r, "tcp");
+    assert_eq!(r.tcp.connections, 16);
+    assert!(r.tcp.requests > 1000, "the clients made progress");
+    assert!(r.state_verifications.ok >= 3, "periodic verifications ran");
+    // Nothing left behind: the address lives only where the service is, no lock tables remain.
+    let svc = s.topo.service_ip();
+    assert!(s.addresses(Host::Src).expect("src addrs").contains(&svc));
+    assert!(!s.addresses(Host::Dst).expect("dst addrs").contains(&svc));
+    for h in [Host::Src, Host::Dst] {
+        assert_eq!(
+            s.nft_tables(h).expect("tables"),
+            Vec::<String>::new(),
+            "{h}"
+        );
+    }
+}
+
+#[test]
+fn quic_connection_survives_a_migration() {
+    let mut s = scenario(&ScenarioConfig::default());
+    let clients = s
+        .start_clients(0, 2, Duration::from_secs(6), None)
+        .expect("clients");
+    std::thread::sleep(Duration::from_millis(1500));
+    let rep = s.migrate(Host::Dst).expect("src -> dst");
+    s.verify_state().expect("state verifies on dst");
+    let r = clients.finish().expect("client report");
+    println!(
+        "downtime {:.1} ms; QUIC max stall {:.1} ms; {} requests verified",
+        rep.timings.downtime_ms, r.quic.max_stall_ms, r.quic.requests
+    );
+    assert_clean(&r, "quic");
+    assert_eq!(r.quic.connections, 2);
+    assert!(r.quic.requests > 100, "the QUIC clients made progress");
+}
+
+#[test]
+fn rollback_when_the_destination_agent_dies_during_the_transfer() {
+    // Stop-and-copy of 192 MiB over a 200 Mbit/s link: the frozen transfer takes seconds, long
+    // enough to kill the agent while the source is frozen (the hard case; a failure during
+    // pre-copy never froze anything).
+    let mut s = scenario(&ScenarioConfig {
+        link_rate: Some(200_000_000),
+        state_mb: 192,
+        dirty_pages_per_sec: 100,
+        proxy: false,
+    });
+    let pid = s.pid();
+    s.verify_state().expect("state verifies");
+    let clients = s
+        .start_clients(4, 1, Duration::from_secs(14), None)
+        .expect("clients");
+    std::thread::sleep(Duration::from_millis(1000));
+    let dst_log = s.agent_log(Host::Dst);
+    let killer = {
+        let log = dst_log.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("service address added and blocked") {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            false
+        })
+    };
+    // Run the migration on a thread; kill the agent once the transfer is under way.
+    let handle = {
+        let mut cmd = s.migrate_command(Host::Dst, &s.certs(Host::Src));
+        cmd.arg("--stop-and-copy");
+        std::thread::spawn(move || cmd.output().expect("run migrate"))
+    };
+    assert!(
+        killer.join().expect("watcher"),
+        "the transfer never started"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    s.kill_agent(Host::Dst).expect("kill agent");
+    let out = handle.join().expect("migrate thread");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert!(!out.status.success(), "migrate must fail");
+    assert!(
+        stderr.contains("still running on the source"),
+        "the message says where the service is: {stderr}"
+    );
+    assert_eq!(s.pid(), pid);
+    assert!(s.service_alive(), "the service runs on");
+    s.verify_state().expect("state verifies after the rollback");
+    let r = clients.finish().expect("client report");
+    println!(
+        "client max stall across the rollback: tcp {:.0} ms, quic {:.0} ms",
+        r.tcp.max_stall_ms, r.quic.max_stall_ms
+    );
+    assert_clean(&r, "rollback");
+    // A restarted agent undoes what its crashed predecessor left; then a migration works.
+    s.start_agent(Host::Dst).expect("agent restarts");
+    assert!(!s
+        .addresses(Host::Dst)
+        .expect("dst addrs")
+        .contains(&s.topo.service_ip()));
+    assert_eq!(
+        s.nft_tables(Host::Dst).expect("tables"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn rollback_when_the_restore_fails() {
+    let mut s = scenario(&ScenarioConfig::default());
+    let pid = s.pid();
+    // Something on the destination already listens on the service's port: CRIU cannot restore
+    // the service's listening socket there.
+    let squatter = s
+        .topo
+        .listen_in(
+            Host::Dst,
+            ([0, 0, 0, 0], tether::scenario::SERVICE_PORT).into(),
+        )
+        .expect("squat the port");
+    let clients = s
+        .start_clients(4, 1, Duration::from_secs(5), None)
+        .expect("clients");
+    std::thread::sleep(Duration::from_millis(1000));
+    let run = s.migrate_with(Host::Dst, None, &[]).expect("run migrate");
+    println!("{}", run.stderr);
+    assert!(!run.success, "migrate must fail");
+    assert!(run.stderr.contains("restore"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("still running on the source"),
+        "{}",
+        run.stderr
+    );
+    let report = run.report.expect("a report is written on failure too");
+    assert_eq!(
+        serde_json::to_value(report.outcome).expect("json"),
+        "rolled_back"
+    );
+    assert_eq!(s.location(), Host::Src);
+    assert_eq!(s.pid(), pid);
+    assert!(s.service_alive());
+    let r = clients.finish().expect("client report");
+    assert_clean(&r, "failed restore");
+    s.verify_state().expect("state verifies after the rollback");
+    // The destination is as before, and once the port is free the migration goes through.
+    assert!(!s
+        .addresses(Host::Dst)
+        .expect("dst addrs")
+        .contains(&s.topo.service_ip()));
+    assert_eq!(
+        s.nft_tables(Host::Dst).expect("tables"),
+        Vec::<String>::new()
+    );
+    drop(squatter);
+    s.migrate(Host::Dst)
+        .expect("migration after the port is free");
+    s.verify_state().expect("state verifies on dst");
+}
+
+#[test]
+fn agent_refuses_a_certificate_from_another_ca() {
+    let mut s = scenario(&ScenarioConfig::default());
+    let other = s.topo.work_dir().join("other-ca");
+    tether_migrator::tls::generate(&other, &["src".into()]).expect("second CA");
+    let pid = s.pid();
+    let run = s
+        .migrate_with(Host::Dst, Some(&other.join("src")), &[])
+        .expect("run migrate");
+    println!("{}", run.stderr);
+    assert!(!run.success);
+    assert!(run.stderr.contains("Nothing was changed"), "{}", run.stderr);
+    assert!(s.service_alive());
+    assert_eq!(s.pid(), pid);
+    let log = std::fs::read_to_string(s.agent_log(Host::Dst)).expect("agent log");
+    assert!(
+        log.contains("refused connection"),
+        "the agent logs the refusal: {log}"
+    );
+    assert!(!log.contains("authenticated peer connected"), "{log}");
+    s.verify_state().expect("service unharmed");
+}
+
+#[test]
+fn bad_input_gives_a_clear_error_and_changes_nothing() {
+    let mut s = scenario(&ScenarioConfig::default());
+    let pid = s.pid();
+    let certs = s.certs(Host::Src).display().to_string();
+    let svc = s.topo.service_cidr().to_string();
+    let dst = s.agent_addr(Host::Dst).to_string();
+    let run = |s: &Scenario, args: &[&str]| {
+        let out = s
+            .topo
+            .command(Host::Src, s.tether())
+            .arg("migrate")
+            .args(args)
+            .output()
+            .expect("run migrate");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A pid that does not exist.
+    let (ok, err) = run(
+        &s,
+        &[
+            "--pid",
+            "999999",
+            "--to",
+            &dst,
+            "--certs",
+            &certs,
+            "--service-addr",
+            &svc,
+        ],
+    );
+    assert!(!ok && err.contains("no process with pid 999999"), "{err}");
+    // An unreachable agent.
+    let nobody = format!("{}:7799", s.topo.migration_addr(Host::Dst));
+    let (ok, err) = run(
+        &s,
+        &[
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &nobody,
+            "--certs",
+            &certs,
+            "--service-addr",
+            &svc,
+        ],
+    );
+    assert!(!ok && err.contains("cannot connect"), "{err}");
+    assert!(err.contains("Nothing was changed"), "{err}");
+    // A missing certificate directory.
+    let (ok, err) = run(
+        &s,
+        &[
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &dst,
+            "--certs",
+            "/nonexistent/certs",
+            "--service-addr",
+            &svc,
+        ],
+    );
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    // A malformed service address.
+    let (ok, err) = run(
+        &s,
+        &[
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &dst,
+            "--certs",
+            &certs,
+            "--service-addr",
+            "10.77.0.100",
+        ],
+    );
+    assert!(!ok && err.contains("IPv4/PREFIX"), "{err}");
+    // The address is already in use on the destination.
+    s.topo
+        .run(
+            Host::Dst,
+            &["ip", "addr", "add", "10.77.0.100/32", "dev", "lo"],
+        )
+        .expect("occupy address");
+    let r = s.migrate_with(Host::Dst, None, &[]).expect("run migrate");
+    assert!(
+        !r.success && r.stderr.contains("already in use"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("Nothing was changed"), "{}", r.stderr);
+    s.topo
+        .run(
+            Host::Dst,
+            &["ip", "addr", "del", "10.77.0.100/32", "dev", "lo"],
+        )
+        .expect("free address");
+    // After all of that, the service is where it was and intact.
+    assert_eq!(s.location(), Host::Src);
+    assert_eq!(s.pid(), pid);
+    assert!(s.service_alive());
+    s.verify_state().expect("service unharmed");
+    assert_eq!(
+        s.nft_tables(Host::Src).expect("tables"),
+        Vec::<String>::new()
+    );
+}

@@ -1,0 +1,92 @@
+//! A real migration behind tether-proxy: clients through the proxy stall for the downtime only
+//! (within 30 ms); clients talking to the service directly in the same migration are measured
+//! beside them, and stall longer whenever a lost segment or datagram waits for a retransmission
+//! or probe timeout. Needs root and `scripts/setup.sh`; fails when they are missing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_clean, scenario};
+use tether::scenario::ScenarioConfig;
+use tether::testbed::Host;
+
+#[test]
+fn clients_behind_the_proxy_stall_for_the_downtime_only() {
+    let mut s = scenario(&ScenarioConfig {
+        proxy: true,
+        // 64 MiB moved stop-and-copy: a downtime past TCP's 200 ms minimum RTO, where a
+        // segment lost at the freeze costs direct clients a doubled timeout.
+        state_mb: 64,
+        ..Default::default()
+    });
+    let via_proxy = s.proxy_addr();
+    let mut rows = Vec::new();
+    for (i, to) in [Host::Dst, Host::Src, Host::Dst].into_iter().enumerate() {
+        // Back-to-back requests: at the freeze, requests are in flight on some connections.
+        let busy = ["--interval-ms", "0"];
+        let proxied = s
+            .start_clients_to(via_proxy, 8, 2, Duration::from_secs(4), None, &busy)
+            .expect("clients via the proxy");
+        let service = s.service_addr();
+        let direct = s
+            .start_clients_to(service, 8, 2, Duration::from_secs(4), None, &busy)
+            .expect("direct clients");
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut args = s.proxy_args();
+        args.push("--stop-and-copy".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = s.migrate_with(to, None, &args).expect("run migrate");
+        assert!(run.success, "move {i}: {}", run.stderr);
+        let report = run.report.expect("report");
+        let p = proxied.finish().expect("proxied report");
+        let d = direct.finish().expect("direct report");
+        s.verify_state().expect("state verifies");
+        assert_clean(&p, "via proxy");
+        assert_clean(&d, "direct");
+        let down = report.timings.downtime_ms;
+        let proxy = report.proxy.clone().expect("proxy figures in the report");
+        println!(
+            "move {i} -> {to}: downtime {down:.1} ms (proxy held {:.1} ms: {:.1} before, of which \
+             quiesce {:.1}, and {:.1} after); max stall via proxy: tcp {:.1} quic {:.1} ms; \
+             direct: tcp {:.1} quic {:.1} ms",
+            proxy.held_ms,
+            proxy.before_downtime_ms,
+            proxy.quiesce_ms,
+            proxy.after_downtime_ms,
+            p.tcp.max_stall_ms,
+            p.quic.max_stall_ms,
+            d.tcp.max_stall_ms,
+            d.quic.max_stall_ms
+        );
+        assert_eq!(proxy.tcp_flows, 8, "the proxy held every TCP connection");
+        rows.push((
+            down,
+            p.tcp.max_stall_ms.max(p.quic.max_stall_ms),
+            d.tcp.max_stall_ms.max(d.quic.max_stall_ms),
+        ));
+    }
+    for (i, (down, proxied, _)) in rows.iter().enumerate() {
+        assert!(
+            *proxied <= down + 30.0,
+            "move {i}: stall via the proxy {proxied:.1} ms exceeds downtime {down:.1} ms + 30 ms"
+        );
+    }
+    // Without the proxy, a segment or datagram lost at the freeze waits for a (doubling)
+    // retransmission timeout, unless the service's own retransmission after the restore comes
+    // first; on this one-LAN topology (gratuitous ARP, CRIU lifting the block) direct clients
+    // often recover at the downtime too, so "longer" is printed, not asserted. What must hold:
+    // going through the proxy never costs more than going direct.
+    let longer = rows.iter().filter(|r| r.2 > r.1 + 30.0).count();
+    println!(
+        "direct clients stalled over 30 ms longer than proxied ones in {longer} of {} moves",
+        rows.len()
+    );
+    for (i, (_, proxied, direct)) in rows.iter().enumerate() {
+        assert!(
+            *proxied <= direct + 30.0,
+            "move {i}: the proxy made the stall longer ({proxied:.1} ms) than going direct \
+             ({direct:.1} ms)"
+        );
+    }
+}
