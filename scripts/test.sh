@@ -7,4 +7,5 @@ bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo build --bins --examples
-cargo test --workspace --all-targets
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+cargo test --workspace --all-targets --no-fail-fast

@@ -287,7 +287,14 @@ impl Provision {
         let _ = std::fs::remove_dir_all(&self.images);
     }
 
-    /// Undoes everything: kills a restored copy, lifts blocks, removes the address and images.
+    /// Undoes everything: kills a restored copy, removes the address, lifts blocks, removes the
+    /// images.
+    ///
+    /// The address goes before the blocks: once the gratuitous ARP before the restore has pulled
+    /// the clients' packets here, a block lifted while the address is still local lets them reach
+    /// whatever else listens on the service's port on this host (or no socket at all), which
+    /// answers with a reset and kills the very connections the rollback keeps on the source.
+    /// Without the address, this host drops them and they are retransmitted toward the source.
     async fn undo(&mut self) {
         if let Some((pid, start)) = self.restored.take() {
             if process_start_time(pid) == Some(start) {
@@ -298,16 +305,16 @@ impl Provision {
                 info!(pid, "killed the restored copy");
             }
         }
-        for t in std::mem::take(&mut self.tables) {
-            if let Err(e) = hostnet::delete_table(&t).await {
-                error!("cannot remove block table {t}: {e}");
-            }
-        }
         if self.address_added {
             if let Err(e) = hostnet::remove_address(self.service_addr, &self.dev).await {
                 error!("cannot remove {} from {}: {e}", self.service_addr, self.dev);
             }
             self.address_added = false;
+        }
+        for t in std::mem::take(&mut self.tables) {
+            if let Err(e) = hostnet::delete_table(&t).await {
+                error!("cannot remove block table {t}: {e}");
+            }
         }
         self.forget();
         info!("destination side undone");

@@ -1196,9 +1196,7 @@ mod tests {
     /// a failure.
     #[test]
     fn real_criu_dump_round_trips() {
-        let Some(criu) = real::criu_or_skip() else {
-            return;
-        };
+        let criu = real::criu_or_fail();
         let work = tempfile::tempdir().expect("tempdir");
         let dump = work.path().join("dump");
         std::fs::create_dir(&dump).expect("mkdir");
@@ -1269,7 +1267,8 @@ mod tests {
         /// read-only pages (the kernel's zero page, never dumped), and a shared anonymous
         /// mapping with 256 written pages.
         const PROGRAM: &str = r#"
-import mmap, sys, time
+import mmap, os, sys, time
+os.closerange(3, 1 << 20)  # descriptors leaked by whatever started the tests: not ours to dump
 priv = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for i in range(512):
     priv[i * 4096:i * 4096 + 16] = b"tether-page-%04d" % i
@@ -1293,20 +1292,22 @@ time.sleep(600)
                 .find(|p| p.is_file())
         }
 
-        /// CRIU, or `None` after a note when it cannot run here and this is not CI.
-        pub fn criu_or_skip() -> Option<PathBuf> {
+        /// CRIU's path; panics with the reason when it cannot run here (never a silent skip).
+        pub fn criu_or_fail() -> PathBuf {
             let root = nix::unistd::geteuid().is_root();
-            let criu = find_criu();
-            let python = Path::new("/usr/bin/python3").is_file();
-            let problem = match (&criu, root, python) {
+            let python = Path::new("/usr/bin/python3").is_file() && Path::new(SETSID).is_file();
+            let problem = match (find_criu(), root, python) {
                 (None, _, _) => "no criu binary (run scripts/setup.sh as root)",
                 (_, false, _) => "not running as root",
-                (_, _, false) => "no /usr/bin/python3 to run the dumped process",
-                _ => return criu,
+                (_, _, false) => "no /usr/bin/python3 or /usr/bin/setsid to run the dumped process",
+                (Some(criu), true, true) => return criu,
             };
             // Fails, never skips: a missing prerequisite must not pass as a green test.
             panic!("the real CRIU dump test cannot run: {problem}");
         }
+
+        /// util-linux `setsid`, which starts the dumped process in a session of its own.
+        const SETSID: &str = "/usr/bin/setsid";
 
         /// The dumped process; killed (by pid) and reaped on drop.
         pub struct Victim(Child);
@@ -1314,7 +1315,12 @@ time.sleep(600)
         impl Victim {
             pub fn start(work: &Path) -> Victim {
                 let ready = work.join("ready");
-                let child = Command::new("/usr/bin/python3")
+                // In its own session: CRIU refuses a tree whose session leader is outside its
+                // PID namespace, which is where the test runner's leader is when the suite runs
+                // inside a PID namespace (as CI does). `setsid` execs in place (the child is not
+                // a process group leader), so the pid stays the one CRIU is given.
+                let child = Command::new(SETSID)
+                    .arg("/usr/bin/python3")
                     .arg("-c")
                     .arg(PROGRAM)
                     .arg(&ready)
