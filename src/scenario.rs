@@ -17,6 +17,8 @@ use tether_migrator::report::Report;
 pub const SERVICE_PORT: u16 = 7000;
 /// Port of the agents (UDP, QUIC).
 pub const AGENT_PORT: u16 = 7700;
+/// Port of each agent's metrics, on the loopback of its host's network namespace.
+pub const AGENT_METRICS_PORT: u16 = 9110;
 
 /// The programs a scenario runs.
 #[derive(Debug, Clone)]
@@ -284,12 +286,40 @@ impl Scenario {
                 &work,
                 "--state-dir",
                 &state.display().to_string(),
+                "--metrics",
+                &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
             ],
             Some(&log),
         )?;
         self.agents.push((host, proc));
         wait_for_log(&log, before, "agent ready", Duration::from_secs(20))
             .with_context(|| format!("agent on {host} did not start"))
+    }
+
+    /// The Prometheus text the agent on `host` serves now.
+    pub fn agent_metrics(&self, host: Host) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let addr = SocketAddr::from(([127, 0, 0, 1], AGENT_METRICS_PORT));
+        let mut conn = self.topo.connect_in(host, addr, Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n\r\n")?;
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply)?;
+        let (head, body) = reply
+            .split_once("\r\n\r\n")
+            .context("metrics reply without a header end")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("metrics of the agent on {host}: {head}");
+        }
+        Ok(body.to_string())
+    }
+
+    /// A sample's value in the agent's metrics on `host` (`name` with its labels, as printed).
+    pub fn agent_metric(&self, host: Host, sample: &str) -> anyhow::Result<f64> {
+        let text = self.agent_metrics(host)?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .with_context(|| format!("no sample {sample} in the metrics of {host}:\n{text}"))
     }
 
     /// Kills the agent on `host` with SIGKILL (a crash).

@@ -46,6 +46,19 @@ fn tcp_service_with_16_connections_moves_src_dst_src() {
             Vec::<String>::new(),
             "{h}"
         );
+        // Each agent received one migration and says so in its metrics.
+        let metric = |sample: &str| s.agent_metric(h, sample).expect("agent metrics");
+        assert_eq!(
+            metric("tether_agent_migrations_total{outcome=\"committed\"}"),
+            1.0,
+            "{h}"
+        );
+        assert_eq!(metric("tether_agent_migrations_in_progress"), 0.0, "{h}");
+        assert_eq!(metric("tether_agent_restore_seconds_count"), 1.0, "{h}");
+        assert!(
+            metric("tether_agent_received_bytes_total") > 16.0 * 1024.0 * 1024.0,
+            "{h}: at least the 16 MiB state arrived"
+        );
     }
 }
 
@@ -187,6 +200,15 @@ fn rollback_when_the_restore_fails() {
         s.nft_tables(Host::Dst).expect("tables"),
         Vec::<String>::new()
     );
+    let metric = |sample: &str| s.agent_metric(Host::Dst, sample).expect("agent metrics");
+    assert_eq!(
+        metric("tether_agent_migrations_total{outcome=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric("tether_agent_migrations_total{outcome=\"committed\"}"),
+        0.0
+    );
     drop(squatter);
     s.migrate(Host::Dst)
         .expect("migration after the port is free");
@@ -213,6 +235,10 @@ fn agent_refuses_a_certificate_from_another_ca() {
         "the agent logs the refusal: {log}"
     );
     assert!(!log.contains("authenticated peer connected"), "{log}");
+    let refused = s
+        .agent_metric(Host::Dst, "tether_agent_connections_refused_total")
+        .expect("agent metrics");
+    assert!(refused >= 1.0, "the refusal is counted: {refused}");
     s.verify_state().expect("service unharmed");
 }
 

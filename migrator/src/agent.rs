@@ -33,6 +33,7 @@ use crate::criu::pages::{self, MemoryImages, Owner};
 use crate::criu::rebuild::PagesDraft;
 use crate::criu::{self, Criu, CriuError};
 use crate::hostnet::{self, Link, NetError, ServiceAddr};
+use crate::metrics::{AgentMetrics, Outcome};
 use crate::pagestore::{merge_ranges, PageStore};
 use crate::report::CriuRestoreStats;
 use crate::tls::{self, Identity};
@@ -61,6 +62,8 @@ pub struct AgentConfig {
     pub max_image_bytes: u64,
     /// CRIU log level.
     pub criu_log_level: i32,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Errors that stop the agent.
@@ -87,6 +90,7 @@ struct Ctx {
     busy: Mutex<HashSet<Ipv4Addr>>,
     /// Restored services this agent is the parent of, reaped when they exit.
     children: Arc<Mutex<Vec<i32>>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -103,7 +107,22 @@ pub async fn run(
     for d in [&cfg.work_dir, &cfg.state_dir] {
         create_private_dir(d).map_err(|e| AgentError::Setup(format!("{}: {e}", d.display())))?;
     }
-    recover_leftovers(&cfg.state_dir).await;
+    let metrics = Arc::new(AgentMetrics::default());
+    let undone = recover_leftovers(&cfg.state_dir).await;
+    metrics.leftovers_undone_total.add(undone);
+    let metrics_server = match cfg.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::Setup(format!("cannot serve metrics on {addr}: {e}")))?;
+            info!(%addr, "serving metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+            )))
+        }
+        None => None,
+    };
     let endpoint = transport::server(&identity, cfg.listen)?;
     info!(listen = %cfg.listen, criu = %criu.path().display(), "agent ready");
     let ctx = Arc::new(Ctx {
@@ -111,6 +130,7 @@ pub async fn run(
         criu,
         busy: Mutex::new(HashSet::new()),
         children: Arc::new(Mutex::new(Vec::new())),
+        metrics,
     });
     let reaper = tokio::spawn(reap(ctx.children.clone()));
     tokio::pin!(shutdown);
@@ -125,7 +145,10 @@ pub async fn run(
                     match incoming.await {
                         Ok(conn) => handle_connection(ctx, conn).await,
                         // Includes peers without a certificate from our CA.
-                        Err(e) => warn!(%remote, "refused connection: {e}"),
+                        Err(e) => {
+                            ctx.metrics.connections_refused_total.inc();
+                            warn!(%remote, "refused connection: {e}");
+                        }
                     }
                 });
             }
@@ -133,6 +156,9 @@ pub async fn run(
     }
     endpoint.close(0u32.into(), b"agent shutting down");
     reaper.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     info!("agent stopped");
     Ok(())
 }
@@ -195,6 +221,7 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
         Ok(m) => m,
         Err(e) => {
             warn!(%remote, "bad opening: {e}");
+            ctx.metrics.ended(Outcome::Refused);
             let _ = tx
                 .send(&FromAgent::Refused {
                     reason: e.to_string(),
@@ -209,6 +236,7 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
         service_addr,
     } = hello
     else {
+        ctx.metrics.ended(Outcome::Refused);
         let _ = tx
             .send(&FromAgent::Refused {
                 reason: "expected hello".into(),
@@ -223,6 +251,7 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
                 "protocol {protocol} not supported (this agent speaks {})",
                 wire::PROTOCOL
             );
+            ctx.metrics.ended(Outcome::Refused);
             let _ = tx.send(&FromAgent::Refused { reason }).await;
             return;
         }
@@ -235,10 +264,14 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
         };
         if !claimed {
             let reason = format!("a migration of {service_addr} is already in progress here");
+            ctx.metrics.ended(Outcome::Refused);
             let _ = tx.send(&FromAgent::Refused { reason }).await;
             return;
         }
-        migration(&ctx, &migration_id, service_addr, &mut tx, &mut rx).await;
+        ctx.metrics.migrations_in_progress.add(1);
+        let outcome = migration(&ctx, &migration_id, service_addr, &mut tx, &mut rx).await;
+        ctx.metrics.migrations_in_progress.add(-1);
+        ctx.metrics.ended(outcome);
         if let Ok(mut busy) = ctx.busy.lock() {
             busy.remove(&service_addr.addr());
         }
@@ -330,10 +363,12 @@ fn process_start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-async fn recover_leftovers(state_dir: &Path) {
+/// Undoes every migration an earlier agent left unfinished in `state_dir`; returns how many.
+async fn recover_leftovers(state_dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(state_dir) else {
-        return;
+        return 0;
     };
+    let mut undone = 0;
     for e in entries.flatten() {
         let path = e.path();
         if path.extension().and_then(|x| x.to_str()) != Some("json") {
@@ -347,6 +382,7 @@ async fn recover_leftovers(state_dir: &Path) {
                 warn!(id = %p.migration_id, "undoing a migration left unfinished by an earlier agent");
                 p.record = path.clone();
                 p.undo().await;
+                undone += 1;
             }
             None => {
                 warn!("removing unreadable state file {}", path.display());
@@ -354,6 +390,7 @@ async fn recover_leftovers(state_dir: &Path) {
             }
         }
     }
+    undone
 }
 
 /// A failure on the destination, reported to the source.
@@ -372,7 +409,7 @@ async fn migration(
     svc: ServiceAddr,
     tx: &mut FrameSender,
     rx: &mut FrameReceiver,
-) {
+) -> Outcome {
     // 1. Hello: nothing is changed until the source is frozen.
     let dev = match hostnet::choose_interface(svc, ctx.cfg.interface.as_deref()).await {
         Ok(d) => d,
@@ -383,7 +420,7 @@ async fn migration(
                     reason: e.to_string(),
                 })
                 .await;
-            return;
+            return Outcome::Refused;
         }
     };
     let link = match Link::lookup(&dev) {
@@ -394,14 +431,14 @@ async fn migration(
                     reason: e.to_string(),
                 })
                 .await;
-            return;
+            return Outcome::Refused;
         }
     };
     let images = ctx.cfg.work_dir.join(id.as_str());
     if let Err(e) = create_private_dir(&images) {
         let reason = format!("cannot create {}: {e}", images.display());
         let _ = tx.send(&FromAgent::Refused { reason }).await;
-        return;
+        return Outcome::Refused;
     }
     let mut prov = Provision {
         migration_id: id.to_string(),
@@ -420,8 +457,9 @@ async fn migration(
         .await
         .is_err()
     {
+        // The source left before it heard us; nothing here changed.
         prov.forget();
-        return;
+        return Outcome::Failed;
     }
     info!(%dev, "accepted");
 
@@ -436,7 +474,7 @@ async fn migration(
                     reason,
                 })
                 .await;
-            return;
+            return Outcome::Failed;
         }
     }
 
@@ -450,18 +488,22 @@ async fn migration(
             prov.forget();
             let pid = prov.restored.map(|(p, _)| p).unwrap_or(-1);
             info!(pid, "committed: the service runs here");
+            Outcome::Committed
         }
         Ok(ToAgent::Abort { reason }) => {
             warn!("source aborted after the restore: {reason}");
             prov.undo().await;
+            Outcome::Undone
         }
         Ok(other) => {
             warn!("unexpected {other:?} instead of commit; undoing");
             prov.undo().await;
+            Outcome::Undone
         }
         Err(e) => {
             warn!("no commit from the source ({e}); undoing, the source keeps the service");
             prov.undo().await;
+            Outcome::Undone
         }
     }
 }
@@ -507,8 +549,14 @@ async fn receive_and_restore(
                     // the final difference (checked against the dump's page maps).
                     let batch =
                         PageBatch::decode(&body).map_err(|e| fail("transfer")(e.to_string()))?;
+                    ctx.metrics.received_bytes_total.add(body.len() as u64);
                     match draft.as_mut() {
-                        None if !frozen => precopy_pages += batch.pages.len() as u64,
+                        None if !frozen => {
+                            precopy_pages += batch.pages.len() as u64;
+                            ctx.metrics
+                                .precopy_pages_total
+                                .add(batch.pages.len() as u64);
+                        }
                         None => {
                             return Err(fail("transfer")(
                                 "pages after the freeze but before the final difference".into(),
@@ -528,6 +576,7 @@ async fn receive_and_restore(
                                 )));
                             }
                             final_pages += batch.pages.len() as u64;
+                            ctx.metrics.final_pages_total.add(batch.pages.len() as u64);
                             d.bytes = d.bytes.saturating_add(body.len() as u64);
                             if d.bytes > ctx.cfg.max_image_bytes {
                                 return Err(fail("transfer")(format!(
@@ -607,6 +656,7 @@ async fn receive_and_restore(
                     receive_file(rx, &prov.images.join(&name), size)
                         .await
                         .map_err(fail("transfer"))?;
+                    ctx.metrics.received_bytes_total.add(size);
                 }
                 ToAgent::FinalPages if frozen && draft.is_none() => {
                     // The dump's page maps define what the final difference may carry; pre-copied
@@ -664,6 +714,7 @@ async fn receive_and_restore(
                         .map_err(|e| fail("rebuild")(format!("the rebuild thread failed: {e}")))?;
                     let mut drafted = drafted.map_err(|e| fail("rebuild")(e.to_string()))?;
                     let waited = t.elapsed();
+                    ctx.metrics.rebuild_wait_duration.observe(waited);
                     let totals = tokio::task::block_in_place(|| {
                         for (owner, b) in &pages {
                             drafted.patch(*owner, b.pages.iter().map(|(a, p)| (*a, p.as_deref())))?;
@@ -723,6 +774,7 @@ async fn receive_and_restore(
         .restore(&prov.images)
         .await
         .map_err(|e| fail("restore")(e.to_string()))?;
+    ctx.metrics.restore_duration.observe(t0.elapsed());
     let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Ok(mut c) = ctx.children.lock() {
         c.push(restored.pid);

@@ -12,12 +12,14 @@
 pub mod agent;
 pub mod criu;
 pub mod hostnet;
+pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod pagestore;
 pub mod policy;
 pub mod precopy;
 pub mod procmem;
+
 pub mod report;
 mod sys;
 pub mod throttle;

@@ -150,6 +150,13 @@ impl DurationHistogram {
     pub fn sum(&self) -> Duration {
         Duration::from_micros(self.sum_micros.get())
     }
+    /// The cumulative buckets: (upper bound in seconds, durations at most that long).
+    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        DURATION_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(bound, c)| (*bound, c.get()))
+    }
 }
 
 /// The counters of one service.
@@ -496,8 +503,8 @@ fn escape_into(out: &mut String, v: &str) {
 const MAX_REQUEST_HEAD: usize = 8192;
 
 /// Serves `GET /metrics` (and `GET /`) on `listener` with the text `render` returns, one request
-/// per connection. Runs until dropped.
-pub(crate) async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+/// per connection. Runs until dropped. (Also serves `tether agent`'s metrics.)
+pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
     loop {
         let (mut conn, peer) = match listener.accept().await {
             Ok(c) => c,

@@ -33,6 +33,11 @@ pub struct AgentArgs {
     /// CRIU log level (0-4).
     #[arg(long, default_value_t = 2)]
     criu_log_level: i32,
+    /// Serve Prometheus metrics (migrations by outcome, bytes and pages received, restore and
+    /// rebuild-wait times) at http://ADDR:PORT/metrics. Off by default; bind it to an address
+    /// only your monitoring reaches.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Runs `tether agent` until SIGINT or SIGTERM.
@@ -45,6 +50,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         state_dir: a.state_dir,
         max_image_bytes: a.max_image_mib.saturating_mul(1 << 20),
         criu_log_level: a.criu_log_level,
+        metrics: a.metrics,
     };
     agent::run(cfg, super::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
