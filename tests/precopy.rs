@@ -96,6 +96,12 @@ fn a_dirtier_faster_than_the_link_hits_max_rounds_and_auto_converge_converges_ea
         )
         .expect("run migrate");
     assert!(plain.success, "{}", plain.stderr);
+    // Rounds of ~2.7 s report their progress while they send.
+    assert!(
+        plain.stderr.contains("pre-copy round 1: in progress"),
+        "progress of long rounds is shown: {}",
+        plain.stderr
+    );
     let plain = plain.report.expect("report");
     s.verify_state()
         .expect("state verifies after the capped pre-copy");

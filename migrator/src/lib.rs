@@ -19,7 +19,7 @@ pub mod pagestore;
 pub mod policy;
 pub mod precopy;
 pub mod procmem;
-
+pub mod progress;
 pub mod report;
 mod sys;
 pub mod throttle;

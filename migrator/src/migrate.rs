@@ -46,6 +46,7 @@ use crate::criu::{self, Criu, DumpPoint, HeldDump};
 use crate::hostnet::{self, Link, ServiceAddr};
 use crate::policy::{self, Decision, Policy, RoundStats};
 use crate::precopy::{self, FinalReport, RateLimit, RoundReport, Tracker};
+use crate::progress::Progress;
 use crate::report::{
     CriuDumpStats, CriuRestoreStats, ImageSizes, Outcome, PrecopySummary, ProxyReport, Report,
     Timings,
@@ -288,7 +289,7 @@ async fn migrate_inner(
     if let Some(pc) = &opts.precopy {
         let t0 = Instant::now();
         let r = tokio::select! {
-            r = precopy_rounds(opts.pid, &id, pc, &mut tx, &mut rx, limit, &mut summary) => r,
+            r = precopy_rounds(opts.pid, &id, pc, (&quic.1, &mut tx, &mut rx), limit, &mut summary) => r,
             _ = &mut cancel => Err("cancelled by the user".to_string()),
         };
         match r {
@@ -365,8 +366,7 @@ async fn migrate_inner(
         transfer_and_restore(
             &images,
             tracker,
-            &mut tx,
-            &mut rx,
+            (&quic.1, &mut tx, &mut rx),
             &mut report,
             opts.restore_timeout,
         )
@@ -670,12 +670,14 @@ impl Gate {
 async fn transfer_and_restore(
     images: &Path,
     tracker: Tracker,
-    tx: &mut FrameSender,
-    rx: &mut FrameReceiver,
+    (conn, tx, rx): (&quinn::Connection, &mut FrameSender, &mut FrameReceiver),
     report: &mut Report,
     restore_timeout: Duration,
 ) -> Result<Instant, Failure> {
     let t0 = Instant::now();
+    // Until the restore is confirmed: a stop-and-copy of a large state over a slow link sends
+    // for many seconds while the service is frozen.
+    let _progress = Progress::start(conn, "final transfer and restore (service frozen)".into());
     let mut files = 0u32;
     let mut total = 0u64;
     let mut entries: Vec<_> = std::fs::read_dir(images)
@@ -772,8 +774,7 @@ async fn precopy_rounds(
     pid: i32,
     id: &MigrationId,
     pc: &PrecopyOptions,
-    tx: &mut FrameSender,
-    rx: &mut FrameReceiver,
+    (conn, tx, rx): (&quinn::Connection, &mut FrameSender, &mut FrameReceiver),
     limit: Option<RateLimit>,
     summary: &mut PrecopySummary,
 ) -> Result<Tracker, String> {
@@ -800,10 +801,12 @@ async fn precopy_rounds(
     let mut scan_per_byte: Option<f64> = None;
     let stop = loop {
         let start = Instant::now();
+        let progress = Progress::start(conn, format!("pre-copy round {round}"));
         let (t, mut rep): (Tracker, RoundReport) =
             precopy::round(pid, round, tracker, tx, rx, limit)
                 .await
                 .map_err(|e| format!("round {round}: {e}"))?;
+        drop(progress);
         tracker = t;
         let duration = Duration::from_secs_f64(rep.duration_ms / 1e3);
         // Dirty pages found this round accumulated since the previous round started.
