@@ -57,6 +57,21 @@ struct Args {
     /// Moves of the minimal service whose median restore time is the floor's restore term.
     #[arg(long, default_value_t = 3)]
     baseline_moves: u32,
+    /// Restore fully on both hosts (`tether agent --lazy-restore never`), for comparison with
+    /// the default lazy restore (userfaultfd), which takes copying memory out of the downtime.
+    #[arg(long)]
+    full_restore: bool,
+}
+
+impl Args {
+    /// Hosts whose agent restores fully.
+    fn full_restore_on(&self) -> Vec<Host> {
+        if self.full_restore {
+            vec![Host::Src, Host::Dst]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -171,6 +186,8 @@ struct Output<'a> {
     states_mib: &'a [u32],
     dirty_pages_per_sec: &'a [u32],
     downtime_limit: &'a str,
+    /// Restores were full on both hosts (`--full-restore`), else lazy where supported.
+    full_restore: bool,
     baseline: &'a Baseline,
     cells: &'a [Cell],
     targets: Vec<Target>,
@@ -215,12 +232,17 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!(
         "bench-migration: {} cells (links {:?} Mbit/s, states {:?} MiB, dirty {:?} pages/s), \
-         stop-and-copy vs pre-copy (--downtime-limit {}), on {} CPUs",
+         stop-and-copy vs pre-copy (--downtime-limit {}), {} restores, on {} CPUs",
         grid.len(),
         args.links,
         args.states,
         args.dirty,
         args.downtime_limit,
+        if args.full_restore {
+            "full"
+        } else {
+            "lazy (where supported)"
+        },
         cpus()
     );
 
@@ -376,6 +398,7 @@ fn measure_baseline(bins: &Binaries, args: &Args) -> anyhow::Result<Baseline> {
             state_mb: state_mib,
             dirty_pages_per_sec: 0,
             proxy: false,
+            full_restore_on: args.full_restore_on(),
         },
     )
     .context("starting the baseline scenario")?;
@@ -486,6 +509,7 @@ fn fill_cell(
             state_mb: cell.state_mib,
             dirty_pages_per_sec: cell.dirty_pages_per_sec,
             proxy: false,
+            full_restore_on: args.full_restore_on(),
         },
     )
     .context("starting the scenario")?;
@@ -663,6 +687,7 @@ fn write_json(
         states_mib: &args.states,
         dirty_pages_per_sec: &args.dirty,
         downtime_limit: &args.downtime_limit,
+        full_restore: args.full_restore,
         baseline,
         cells,
         targets: targets(cells),
@@ -716,8 +741,9 @@ fn print_tables(args: &Args, baseline: &Baseline, cells: &[Cell]) {
     let f1 = |v: f64| format!("{v:.1}");
     let opt = |m: &Option<Move>, f: &dyn Fn(&Move) -> String| m.as_ref().map_or("-".into(), f);
     println!(
-        "\n## Stop-and-copy vs pre-copy (--downtime-limit {}), tbf-limited src-dst link\n",
-        args.downtime_limit
+        "\n## Stop-and-copy vs pre-copy (--downtime-limit {}, {} restores), tbf-limited src-dst link\n",
+        args.downtime_limit,
+        if args.full_restore { "full" } else { "lazy" }
     );
     let rows: Vec<Vec<String>> = cells
         .iter()

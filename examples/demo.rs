@@ -51,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         state_mb: args.state_mb,
         dirty_pages_per_sec: args.dirty_pages_per_sec,
         proxy: true,
+        full_restore_on: Vec::new(),
     };
     println!(
         "tether demo: service with {} MiB state rewriting {} pages/s, {} TCP + {} QUIC clients through tether-proxy and as many direct, src-dst link {}",

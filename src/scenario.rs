@@ -77,6 +77,9 @@ pub struct ScenarioConfig {
     pub dirty_pages_per_sec: u32,
     /// Run a `tether proxy` on a `proxy` host in front of the service.
     pub proxy: bool,
+    /// Hosts whose agent restores fully (`--lazy-restore never`); the others restore lazily
+    /// where they can (`auto`). `[Src]` makes a round trip run both restore paths.
+    pub full_restore_on: Vec<Host>,
 }
 
 impl Default for ScenarioConfig {
@@ -86,6 +89,7 @@ impl Default for ScenarioConfig {
             state_mb: 16,
             dirty_pages_per_sec: 100,
             proxy: false,
+            full_restore_on: Vec::new(),
         }
     }
 }
@@ -108,6 +112,8 @@ pub struct Scenario {
     pid: u32,
     migrations: u32,
     client_runs: u32,
+    /// Hosts whose agent restores fully (`--lazy-restore never`).
+    full_restore: Vec<Host>,
 }
 
 /// What `tether migrate` did.
@@ -145,6 +151,7 @@ impl Scenario {
             pid: 0,
             migrations: 0,
             client_runs: 0,
+            full_restore: cfg.full_restore_on.clone(),
         };
         s.topo.run(
             Host::Src,
@@ -273,11 +280,18 @@ impl Scenario {
         let state = self.topo.work_dir().join(format!("state-{}", host.name()));
         let listen = self.agent_addr(host).to_string();
         let certs = self.certs(host);
+        let lazy = if self.full_restore.contains(&host) {
+            "never"
+        } else {
+            "auto"
+        };
         let proc = self.topo.spawn(
             host,
             &self.bins.tether,
             [
                 "agent",
+                "--lazy-restore",
+                lazy,
                 "--listen",
                 &listen,
                 "--certs",

@@ -12,7 +12,11 @@ use tether::testbed::Host;
 
 #[test]
 fn tcp_service_with_16_connections_moves_src_dst_src() {
-    let mut s = scenario(&ScenarioConfig::default());
+    // dst restores lazily (userfaultfd), src fully: the round trip runs both restore paths.
+    let mut s = scenario(&ScenarioConfig {
+        full_restore_on: vec![Host::Src],
+        ..Default::default()
+    });
     let clients = s
         .start_clients(16, 0, Duration::from_secs(8), Some(1))
         .expect("clients");
@@ -33,6 +37,23 @@ fn tcp_service_with_16_connections_moves_src_dst_src() {
         r.tcp.bytes_verified
     );
     assert_clean(&r, "tcp");
+    let lazy =
+        |rep: &tether_migrator::report::Report| rep.criu_restore.as_ref().is_some_and(|c| c.lazy);
+    assert!(
+        lazy(&there),
+        "dst restored lazily (needs userfaultfd: `criu check --feature uffd-noncoop`)"
+    );
+    assert!(!lazy(&back), "src restored fully (--lazy-restore never)");
+    let metric = |h: Host, sample: &str| s.agent_metric(h, sample).expect("agent metrics");
+    assert_eq!(
+        metric(Host::Dst, "tether_agent_lazy_fill_seconds_count"),
+        1.0
+    );
+    assert_eq!(metric(Host::Dst, "tether_agent_lazy_failures_total"), 0.0);
+    assert_eq!(
+        metric(Host::Src, "tether_agent_lazy_fill_seconds_count"),
+        0.0
+    );
     assert_eq!(r.tcp.connections, 16);
     assert!(r.tcp.requests > 1000, "the clients made progress");
     assert!(r.state_verifications.ok >= 3, "periodic verifications ran");
@@ -91,6 +112,7 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
         state_mb: 192,
         dirty_pages_per_sec: 100,
         proxy: false,
+        full_restore_on: Vec::new(),
     });
     let pid = s.pid();
     s.verify_state().expect("state verifies");

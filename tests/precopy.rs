@@ -33,6 +33,7 @@ fn precopy_of_128_mib_writing_2000_pages_per_second_over_1_gbit() {
         state_mb: 128,
         dirty_pages_per_sec: 2000,
         proxy: false,
+        full_restore_on: Vec::new(),
     });
     let clients = s
         .start_clients(8, 2, Duration::from_secs(8), None)
@@ -83,6 +84,7 @@ fn a_dirtier_faster_than_the_link_hits_max_rounds_and_auto_converge_converges_ea
         state_mb: 32,
         dirty_pages_per_sec: 50_000,
         proxy: false,
+        full_restore_on: Vec::new(),
     });
     let clients = s
         .start_clients(2, 1, Duration::from_secs(30), None)
@@ -184,6 +186,7 @@ fn cancelling_during_precopy_leaves_the_service_untouched() {
         state_mb: 96,
         dirty_pages_per_sec: 100,
         proxy: false,
+        full_restore_on: Vec::new(),
     });
     let pid = s.pid();
     let clients = s

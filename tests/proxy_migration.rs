@@ -15,6 +15,7 @@ use tether::testbed::Host;
 fn clients_behind_the_proxy_stall_for_the_downtime_only() {
     let mut s = scenario(&ScenarioConfig {
         proxy: true,
+        full_restore_on: Vec::new(),
         // 64 MiB moved stop-and-copy: a downtime past TCP's 200 ms minimum RTO, where a
         // segment lost at the freeze costs direct clients a doubled timeout.
         state_mb: 64,

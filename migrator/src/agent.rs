@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, info_span, warn, Instrument};
 
+use crate::criu::lazy::LazyPages;
 use crate::criu::pages::{self, MemoryImages, Owner};
 use crate::criu::rebuild::PagesDraft;
 use crate::criu::{self, Criu, CriuError};
@@ -64,7 +65,28 @@ pub struct AgentConfig {
     pub criu_log_level: i32,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Whether to restore memory lazily (userfaultfd).
+    pub lazy_restore: LazyRestore,
 }
+
+/// Whether the agent restores memory lazily: the service runs as soon as its mappings exist and
+/// a local `criu lazy-pages` daemon fills them in from the received pages files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LazyRestore {
+    /// Lazily when CRIU's `lazy_pages` feature check passes here, else fully.
+    #[default]
+    Auto,
+    /// Always lazily; the agent does not start where the feature check fails.
+    Always,
+    /// Never: copy all memory during the restore.
+    Never,
+}
+
+/// How long a lazy-pages daemon may take to listen before the restore falls back to a full one.
+const LAZY_READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a lazy-pages daemon may take to fill a restored service's memory.
+const LAZY_FILL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +113,8 @@ struct Ctx {
     /// Restored services this agent is the parent of, reaped when they exit.
     children: Arc<Mutex<Vec<i32>>>,
     metrics: Arc<AgentMetrics>,
+    /// Restores are lazy (see [`LazyRestore`]).
+    lazy: bool,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -104,6 +128,20 @@ pub async fn run(
     nix::sys::prctl::set_child_subreaper(true)
         .map_err(|e| AgentError::Setup(format!("cannot become a child subreaper: {e}")))?;
     let criu = Criu::locate().await?.with_log_level(cfg.criu_log_level);
+    let lazy = match cfg.lazy_restore {
+        LazyRestore::Never => false,
+        LazyRestore::Auto => criu.lazy_pages_supported().await,
+        LazyRestore::Always => {
+            if !criu.lazy_pages_supported().await {
+                return Err(AgentError::Setup(
+                    "lazy restore asked for, but CRIU's lazy_pages feature check fails here \
+                     (userfaultfd with non-cooperative events is needed)"
+                        .into(),
+                ));
+            }
+            true
+        }
+    };
     for d in [&cfg.work_dir, &cfg.state_dir] {
         create_private_dir(d).map_err(|e| AgentError::Setup(format!("{}: {e}", d.display())))?;
     }
@@ -124,13 +162,14 @@ pub async fn run(
         None => None,
     };
     let endpoint = transport::server(&identity, cfg.listen)?;
-    info!(listen = %cfg.listen, criu = %criu.path().display(), "agent ready");
+    info!(listen = %cfg.listen, criu = %criu.path().display(), lazy_restore = lazy, "agent ready");
     let ctx = Arc::new(Ctx {
         cfg,
         criu,
         busy: Mutex::new(HashSet::new()),
         children: Arc::new(Mutex::new(Vec::new())),
         metrics,
+        lazy,
     });
     let reaper = tokio::spawn(reap(ctx.children.clone()));
     tokio::pin!(shutdown);
@@ -463,8 +502,8 @@ async fn migration(
     }
     info!(%dev, "accepted");
 
-    match receive_and_restore(ctx, id, &mut prov, link, tx, rx).await {
-        Ok(()) => {}
+    let lazy = match receive_and_restore(ctx, id, &mut prov, link, tx, rx).await {
+        Ok(lazy) => lazy,
         Err(Failure { phase, reason }) => {
             error!(phase, "migration failed: {reason}");
             prov.undo().await;
@@ -476,7 +515,7 @@ async fn migration(
                 .await;
             return Outcome::Failed;
         }
-    }
+    };
 
     // 5. Wait for the source's decision.
     let decision: Result<ToAgent, TransportError> =
@@ -485,23 +524,36 @@ async fn migration(
         Ok(ToAgent::Commit) => {
             // Answer first: the source resumes the clients' traffic on this answer.
             let _ = tx.send(&FromAgent::Committed).await;
-            prov.forget();
             let pid = prov.restored.map(|(p, _)| p).unwrap_or(-1);
             info!(pid, "committed: the service runs here");
+            match lazy {
+                // The daemon still reads the pages files: they go when it is done.
+                Some(daemon) => {
+                    let _ = std::fs::remove_file(&prov.record);
+                    tokio::spawn(
+                        finish_lazy(daemon, prov.images.clone(), ctx.metrics.clone())
+                            .in_current_span(),
+                    );
+                }
+                None => prov.forget(),
+            }
             Outcome::Committed
         }
         Ok(ToAgent::Abort { reason }) => {
             warn!("source aborted after the restore: {reason}");
+            drop(lazy);
             prov.undo().await;
             Outcome::Undone
         }
         Ok(other) => {
             warn!("unexpected {other:?} instead of commit; undoing");
+            drop(lazy);
             prov.undo().await;
             Outcome::Undone
         }
         Err(e) => {
             warn!("no commit from the source ({e}); undoing, the source keeps the service");
+            drop(lazy);
             prov.undo().await;
             Outcome::Undone
         }
@@ -515,7 +567,7 @@ async fn receive_and_restore(
     link: Link,
     tx: &mut FrameSender,
     rx: &mut FrameReceiver,
-) -> Result<(), Failure> {
+) -> Result<Option<LazyPages>, Failure> {
     let svc = prov.service_addr;
     let own_table = format!("tether-{id}");
     let mut store = PageStore::new(ctx.cfg.max_image_bytes);
@@ -529,6 +581,9 @@ async fn receive_and_restore(
     // runs while the source compares its dump; a failure waits for it before anything is
     // undone, so that it does not write into a directory being removed.
     let mut draft: Option<DraftTask> = None;
+    // The lazy-pages daemon (lazy restores) starts with the rebuild: it reads the process tree
+    // from the image files, all here by then, and has its start-up done before the restore.
+    let mut lazy: Option<LazyPages> = None;
     let received: Result<(), Failure> = async {
         loop {
             let frame = tokio::time::timeout(MESSAGE_TIMEOUT, rx.next())
@@ -689,6 +744,12 @@ async fn receive_and_restore(
                         pages: Vec::new(),
                         bytes: 0,
                     });
+                    if ctx.lazy {
+                        match ctx.criu.start_lazy_pages(&prov.images) {
+                            Ok(d) => lazy = Some(d),
+                            Err(e) => warn!("no lazy restore this time: {e}"),
+                        }
+                    }
                 }
                 ToAgent::ImagesDone {
                     files: n,
@@ -769,9 +830,15 @@ async fn receive_and_restore(
     // Peers' packets must take the new path before the restored sockets go live.
     link.announce(svc.addr())
         .map_err(|e: NetError| fail("restore")(e.to_string()))?;
+    if let Some(d) = lazy.as_mut() {
+        if let Err(e) = d.ready(LAZY_READY_TIMEOUT).await {
+            warn!("restoring fully: {e}");
+            lazy = None;
+        }
+    }
     let restored = ctx
         .criu
-        .restore(&prov.images)
+        .restore(&prov.images, lazy.is_some())
         .await
         .map_err(|e| fail("restore")(e.to_string()))?;
     ctx.metrics.restore_duration.observe(t0.elapsed());
@@ -790,8 +857,20 @@ async fn receive_and_restore(
             forking_time_us: r.forking_time,
             restore_time_us: r.restore_time,
             pages_restored: r.pages_restored.unwrap_or(0),
+            lazy: lazy.is_some(),
+        })
+        .or_else(|| {
+            lazy.is_some().then(|| CriuRestoreStats {
+                lazy: true,
+                ..Default::default()
+            })
         });
-    info!(pid = restored.pid, restore_ms, "restored");
+    info!(
+        pid = restored.pid,
+        restore_ms,
+        lazy = lazy.is_some(),
+        "restored"
+    );
     // Answer first: the source resumes the clients' traffic on this message.
     tx.send(&FromAgent::Restored {
         pid: restored.pid,
@@ -813,7 +892,27 @@ async fn receive_and_restore(
             error!("cannot lift the block {lock_table}: {e}");
         }
     }
-    Ok(())
+    Ok(lazy)
+}
+
+/// After a lazily restored service is committed: waits for its lazy-pages daemon to put every
+/// page in place, then removes the image set it read from.
+async fn finish_lazy(daemon: LazyPages, images: PathBuf, metrics: Arc<AgentMetrics>) {
+    match daemon.finish(LAZY_FILL_TIMEOUT).await {
+        Ok(took) => {
+            metrics.lazy_fill_duration.observe(took);
+            info!(
+                ms = took.as_secs_f64() * 1e3,
+                "lazy restore done: all memory in place"
+            );
+        }
+        Err(e) => {
+            metrics.lazy_failures_total.inc();
+            // The service may now fault on memory that never came: say so loudly.
+            error!("lazy restore did not complete; the restored service may be broken: {e}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&images);
 }
 
 /// The final phase, from `FinalPages` on: the dump's page maps, the rebuild of the pages files

@@ -69,6 +69,10 @@ pub struct AgentMetrics {
     pub restore_duration: DurationHistogram,
     /// Waiting for the pages files' rebuild after the last image arrived.
     pub rebuild_wait_duration: DurationHistogram,
+    /// Lazy restores: from starting the lazy-pages daemon until all memory was in place.
+    pub lazy_fill_duration: DurationHistogram,
+    /// Lazy restores whose daemon failed or timed out after the commit.
+    pub lazy_failures_total: Counter,
 }
 
 impl AgentMetrics {
@@ -142,6 +146,11 @@ pub fn render(m: &AgentMetrics) -> String {
             "Unfinished migrations of an earlier agent undone at start-up.",
             &m.leftovers_undone_total,
         ),
+        (
+            "tether_agent_lazy_failures_total",
+            "Lazy restores whose lazy-pages daemon failed or timed out after the commit.",
+            &m.lazy_failures_total,
+        ),
     ] {
         head(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", c.get());
@@ -156,6 +165,11 @@ pub fn render(m: &AgentMetrics) -> String {
             "tether_agent_rebuild_wait_seconds",
             "Waiting for the pages files' rebuild after the last image arrived (part of the downtime).",
             &m.rebuild_wait_duration,
+        ),
+        (
+            "tether_agent_lazy_fill_seconds",
+            "Lazy restores: from starting the lazy-pages daemon until all memory was in place.",
+            &m.lazy_fill_duration,
         ),
     ] {
         head(&mut out, name, "histogram", help);

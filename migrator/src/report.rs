@@ -64,6 +64,10 @@ pub struct CriuRestoreStats {
     pub restore_time_us: u32,
     /// Pages restored.
     pub pages_restored: u64,
+    /// Whether anonymous memory was filled in after the restore (userfaultfd, `criu
+    /// lazy-pages` on the destination) instead of during it.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 /// Sizes of what was sent.

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tether_migrator::agent::{self, AgentConfig};
+use tether_migrator::agent::{self, AgentConfig, LazyRestore};
 
 /// Receive migrations on this host: accept image sets over QUIC from hosts with a certificate of
 /// the same CA, restore them with CRIU, and hand the outcome back to the source.
@@ -38,6 +38,23 @@ pub struct AgentArgs {
     /// only your monitoring reaches.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
+    /// Restore memory lazily: the service runs as soon as its mappings exist and a local
+    /// `criu lazy-pages` daemon fills them from the received images (userfaultfd), which takes
+    /// the copy of all memory out of the downtime. `auto` does so where CRIU's feature check
+    /// passes.
+    #[arg(long, value_enum, default_value_t = LazyArg::Auto)]
+    lazy_restore: LazyArg,
+}
+
+/// `--lazy-restore` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LazyArg {
+    /// Lazily where this kernel and CRIU support it.
+    Auto,
+    /// Always lazily; refuse to start where unsupported.
+    Always,
+    /// Never: copy all memory during the restore.
+    Never,
 }
 
 /// Runs `tether agent` until SIGINT or SIGTERM.
@@ -51,6 +68,11 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         max_image_bytes: a.max_image_mib.saturating_mul(1 << 20),
         criu_log_level: a.criu_log_level,
         metrics: a.metrics,
+        lazy_restore: match a.lazy_restore {
+            LazyArg::Auto => LazyRestore::Auto,
+            LazyArg::Always => LazyRestore::Always,
+            LazyArg::Never => LazyRestore::Never,
+        },
     };
     agent::run(cfg, super::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

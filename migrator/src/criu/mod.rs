@@ -7,6 +7,7 @@
 //! freeze, so CRIU's start-up is not part of the downtime.
 
 pub mod images;
+pub mod lazy;
 pub mod pages;
 pub mod rebuild;
 pub mod rpc;
@@ -162,9 +163,14 @@ impl Criu {
 
     /// Restores the image set in `images` (`--tcp-established`, as a sibling of CRIU so the
     /// restored root becomes the caller's child) and returns the restored root's pid.
-    pub async fn restore(&self, images: &Path) -> Result<Restored, CriuError> {
+    ///
+    /// With `lazy`, anonymous private memory is not copied in: the tree runs as soon as its
+    /// mappings exist, and a [`lazy::LazyPages`] daemon, which must already listen in `images`,
+    /// fills them through userfaultfd.
+    pub async fn restore(&self, images: &Path, lazy: bool) -> Result<Restored, CriuError> {
         let worker = self.worker()?;
         let mut opts = swrk::opts_for(images);
+        opts.lazy_pages = lazy.then_some(true);
         opts.tcp_established = Some(true);
         opts.network_lock = Some(NetworkLockMethod::Nftables as i32);
         opts.rst_sibling = Some(true);

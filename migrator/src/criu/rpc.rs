@@ -64,6 +64,8 @@ pub struct Opts {
     pub rst_sibling: Option<bool>,
     #[prost(uint32, optional, tag = "45")]
     pub timeout: Option<u32>,
+    #[prost(bool, optional, tag = "48")]
+    pub lazy_pages: Option<bool>,
     #[prost(enumeration = "NetworkLockMethod", optional, tag = "64")]
     pub network_lock: Option<i32>,
     #[prost(bool, optional, tag = "70")]
