@@ -42,7 +42,8 @@ impl Criu {
 
     /// Starts a `criu lazy-pages` daemon for the image set in `images`. It needs the image files
     /// other than page data at once (it reads the process tree); the pages files must be complete
-    /// before the restore starts. Killed when the handle is dropped.
+    /// before the restore starts. Killed when the handle is dropped, unless it is being
+    /// [finished](LazyPages::finish).
     pub fn start_lazy_pages(&self, images: &Path) -> Result<LazyPages, CriuError> {
         let child = tokio::process::Command::new(self.path())
             .arg("lazy-pages")
@@ -54,13 +55,13 @@ impl Criu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .map_err(CriuError::Spawn)?;
         Ok(LazyPages {
             child,
             images: images.to_path_buf(),
             started: Instant::now(),
+            serving: false,
         })
     }
 }
@@ -71,6 +72,17 @@ pub struct LazyPages {
     child: tokio::process::Child,
     images: PathBuf,
     started: Instant,
+    /// It serves a committed service: dropping the handle (an agent shutting down) must not
+    /// kill it, or the service faults on memory that never comes.
+    serving: bool,
+}
+
+impl Drop for LazyPages {
+    fn drop(&mut self) {
+        if !self.serving {
+            let _ = self.child.start_kill();
+        }
+    }
 }
 
 impl LazyPages {
@@ -96,7 +108,11 @@ impl LazyPages {
 
     /// Waits until the daemon has put every page in place and exited, at most `timeout`;
     /// returns how long it ran. On timeout it is killed.
+    ///
+    /// From this call on the daemon outlives the handle: if the caller is dropped (the agent
+    /// stops), it carries on filling the service's memory.
     pub async fn finish(mut self, timeout: Duration) -> Result<Duration, CriuError> {
+        self.serving = true;
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(Ok(status)) if status.success() => Ok(self.started.elapsed()),
             Ok(Ok(status)) => Err(self.failed(status, "failed")),
