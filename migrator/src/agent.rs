@@ -307,19 +307,42 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
             let _ = tx.send(&FromAgent::Refused { reason }).await;
             return;
         }
-        ctx.metrics.migrations_in_progress.add(1);
+        let in_flight = InFlight::new(&ctx, service_addr.addr());
         let outcome = migration(&ctx, &migration_id, service_addr, &mut tx, &mut rx).await;
-        ctx.metrics.migrations_in_progress.add(-1);
         ctx.metrics.ended(outcome);
-        if let Ok(mut busy) = ctx.busy.lock() {
-            busy.remove(&service_addr.addr());
-        }
+        drop(in_flight);
         let _ = tx.0.finish();
         // Give the last message time to leave before the connection is dropped.
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     }
     .instrument(span)
     .await
+}
+
+/// A migration in flight here: counted in the metrics and holding its service address in
+/// `busy`, until dropped (also when the migration's task unwinds from a panic).
+struct InFlight<'a> {
+    ctx: &'a Ctx,
+    addr: Ipv4Addr,
+}
+
+impl<'a> InFlight<'a> {
+    /// Counts a migration of `addr`, whose address the caller has claimed in `busy`.
+    fn new(ctx: &'a Ctx, addr: Ipv4Addr) -> InFlight<'a> {
+        ctx.metrics.migrations_in_progress.add(1);
+        InFlight { ctx, addr }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.ctx.metrics.migrations_in_progress.add(-1);
+        let mut busy = match self.ctx.busy.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        busy.remove(&self.addr);
+    }
 }
 
 /// What this agent has changed on the host for one migration, in order to undo it.
@@ -331,6 +354,9 @@ struct Provision {
     address_added: bool,
     tables: Vec<String>,
     restored: Option<(i32, u64)>,
+    /// The lazy-pages daemon serving this image set, until the commit.
+    #[serde(default)]
+    lazy_daemon: Option<(i32, u64)>,
     images: PathBuf,
     #[serde(skip)]
     record: PathBuf,
@@ -359,8 +385,18 @@ impl Provision {
         let _ = std::fs::remove_dir_all(&self.images);
     }
 
-    /// Undoes everything: kills a restored copy, removes the address, lifts blocks, removes the
-    /// images.
+    /// Kills the restored copy, if it is still the process that was restored.
+    fn kill_restored(&mut self) {
+        if let Some((pid, start)) = self.restored.take() {
+            if kill_if_same(pid, start) {
+                info!(pid, "killed the restored copy");
+            }
+        }
+    }
+
+    /// Undoes everything: kills a restored copy, then its lazy-pages daemon (in that order: a
+    /// live copy whose daemon is gone reads zeros where its memory has not come yet), removes the
+    /// address, lifts blocks, removes the images.
     ///
     /// The address goes before the blocks: once the gratuitous ARP before the restore has pulled
     /// the clients' packets here, a block lifted while the address is still local lets them reach
@@ -368,13 +404,10 @@ impl Provision {
     /// answers with a reset and kills the very connections the rollback keeps on the source.
     /// Without the address, this host drops them and they are retransmitted toward the source.
     async fn undo(&mut self) {
-        if let Some((pid, start)) = self.restored.take() {
-            if process_start_time(pid) == Some(start) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                info!(pid, "killed the restored copy");
+        self.kill_restored();
+        if let Some((pid, start)) = self.lazy_daemon.take() {
+            if kill_if_same(pid, start) {
+                info!(pid, "killed the lazy-pages daemon");
             }
         }
         if self.address_added {
@@ -391,6 +424,16 @@ impl Provision {
         self.forget();
         info!("destination side undone");
     }
+}
+
+/// Sends SIGKILL to `pid` if it is still the process that started at `start`; returns whether.
+fn kill_if_same(pid: i32, start: u64) -> bool {
+    process_start_time(pid) == Some(start)
+        && nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
 }
 
 /// The start time of a process (field 22 of /proc/PID/stat), to tell it from a later process
@@ -486,6 +529,7 @@ async fn migration(
         address_added: false,
         tables: Vec::new(),
         restored: None,
+        lazy_daemon: None,
         images: images.clone(),
         record: ctx.cfg.state_dir.join(format!("{id}.json")),
     };
@@ -522,6 +566,11 @@ async fn migration(
         rx.message_within(COMMIT_TIMEOUT, "commit").await;
     match decision {
         Ok(ToAgent::Commit) => {
+            // The service is ours now: nothing may kill its lazy-pages daemon any more.
+            let mut lazy = lazy;
+            if let Some(d) = lazy.as_mut() {
+                d.detach();
+            }
             // Answer first: the source resumes the clients' traffic on this answer.
             let _ = tx.send(&FromAgent::Committed).await;
             let pid = prov.restored.map(|(p, _)| p).unwrap_or(-1);
@@ -541,20 +590,23 @@ async fn migration(
         }
         Ok(ToAgent::Abort { reason }) => {
             warn!("source aborted after the restore: {reason}");
-            drop(lazy);
+            // The restored copy goes before its daemon (undo kills both, in that order).
             prov.undo().await;
+            drop(lazy);
             Outcome::Undone
         }
         Ok(other) => {
             warn!("unexpected {other:?} instead of commit; undoing");
-            drop(lazy);
+            // The restored copy goes before its daemon (undo kills both, in that order).
             prov.undo().await;
+            drop(lazy);
             Outcome::Undone
         }
         Err(e) => {
             warn!("no commit from the source ({e}); undoing, the source keeps the service");
-            drop(lazy);
+            // The restored copy goes before its daemon (undo kills both, in that order).
             prov.undo().await;
+            drop(lazy);
             Outcome::Undone
         }
     }
@@ -699,6 +751,11 @@ async fn receive_and_restore(
                             "page data file {name} sent as a file"
                         )));
                     }
+                    if criu::lazy::is_daemon_file(&name) {
+                        return Err(fail("transfer")(format!(
+                            "{name} is the lazy-pages daemon's own file, not an image"
+                        )));
+                    }
                     files += 1;
                     bytes = bytes.saturating_add(size);
                     if files > wire::MAX_FILES || bytes > ctx.cfg.max_image_bytes {
@@ -746,7 +803,15 @@ async fn receive_and_restore(
                     });
                     if ctx.lazy {
                         match ctx.criu.start_lazy_pages(&prov.images) {
-                            Ok(d) => lazy = Some(d),
+                            Ok(d) => {
+                                // Recorded, so that an agent restarted after a crash kills it.
+                                prov.lazy_daemon = d
+                                    .pid()
+                                    .and_then(|p| i32::try_from(p).ok())
+                                    .and_then(|p| process_start_time(p).map(|t| (p, t)));
+                                prov.save();
+                                lazy = Some(d);
+                            }
                             Err(e) => warn!("no lazy restore this time: {e}"),
                         }
                     }
@@ -834,6 +899,7 @@ async fn receive_and_restore(
         if let Err(e) = d.ready(LAZY_READY_TIMEOUT).await {
             warn!("restoring fully: {e}");
             lazy = None;
+            prov.lazy_daemon = None;
         }
     }
     let restored = ctx
@@ -879,7 +945,11 @@ async fn receive_and_restore(
         stats,
     })
     .await
-    .map_err(|e| fail("restore")(e.to_string()))?;
+    .map_err(|e| {
+        // The restored copy goes before its lazy-pages daemon (dropped on return).
+        prov.kill_restored();
+        fail("restore")(e.to_string())
+    })?;
     // CRIU deleted the lock table when the connections went live; if it did not (a CRIU that
     // names its table differently), the block must still go, or the service stays unreachable.
     if hostnet::inet_tables()
@@ -895,10 +965,22 @@ async fn receive_and_restore(
     Ok(lazy)
 }
 
-/// After a lazily restored service is committed: waits for its lazy-pages daemon to put every
-/// page in place, then removes the image set it read from.
-async fn finish_lazy(daemon: LazyPages, images: PathBuf, metrics: Arc<AgentMetrics>) {
-    match daemon.finish(LAZY_FILL_TIMEOUT).await {
+/// After a lazily restored service is committed: waits for its (detached) lazy-pages daemon to
+/// put every page in place, then removes the image set it read from. A daemon that takes longer
+/// than [`LAZY_FILL_TIMEOUT`] is reported and waited for, never killed.
+async fn finish_lazy(mut daemon: LazyPages, images: PathBuf, metrics: Arc<AgentMetrics>) {
+    let result = match tokio::time::timeout(LAZY_FILL_TIMEOUT, daemon.wait()).await {
+        Ok(r) => r,
+        Err(_) => {
+            metrics.lazy_failures_total.inc();
+            error!(
+                "lazy restore still filling memory after {} s; waiting on",
+                LAZY_FILL_TIMEOUT.as_secs()
+            );
+            daemon.wait().await
+        }
+    };
+    match result {
         Ok(took) => {
             metrics.lazy_fill_duration.observe(took);
             info!(
@@ -908,7 +990,7 @@ async fn finish_lazy(daemon: LazyPages, images: PathBuf, metrics: Arc<AgentMetri
         }
         Err(e) => {
             metrics.lazy_failures_total.inc();
-            // The service may now fault on memory that never came: say so loudly.
+            // The service may now read zeros where its memory never came: say so loudly.
             error!("lazy restore did not complete; the restored service may be broken: {e}");
         }
     }

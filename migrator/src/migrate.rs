@@ -178,6 +178,42 @@ fn at(side: Side, phase: &'static str) -> impl FnOnce(String) -> Failure {
     }
 }
 
+/// How long `tether migrate` waits for a lazy restore of the service to finish filling in its
+/// memory before it refuses.
+const LAZY_FILL_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until no process of the tree at `root` has memory registered with a userfaultfd (a
+/// lazy restore still filling it in), at most [`LAZY_FILL_WAIT`].
+async fn wait_for_lazy_fill(root: i32) -> Result<(), String> {
+    let deadline = Instant::now() + LAZY_FILL_WAIT;
+    let mut told = false;
+    loop {
+        let procs = crate::procmem::tree(root).map_err(|e| e.to_string())?;
+        let Some(pid) = procs
+            .iter()
+            .map(|p| p.host)
+            .find(|&p| crate::procmem::userfaultfd_registered(p).unwrap_or(false))
+        else {
+            return Ok(());
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "pid {pid} still has memory registered with a userfaultfd after {} s: a lazy \
+                 restore is still filling it in; nothing was changed, try again later",
+                LAZY_FILL_WAIT.as_secs()
+            ));
+        }
+        if !told {
+            info!(
+                pid,
+                "waiting for a lazy restore to finish filling in the service's memory"
+            );
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs a migration. `cancel` resolving before the commit point rolls the migration back.
 pub async fn migrate(
     opts: &MigrateOptions,
@@ -222,6 +258,11 @@ async fn migrate_inner(
         .await
         .map_err(|e| MigrationError::before_start(Side::Source, "check", e))?
         .with_log_level(opts.criu_log_level);
+    // A service restored lazily moments ago may still be receiving its memory: pages not yet
+    // filled in are absent, and the scans and the dump would miss them.
+    wait_for_lazy_fill(opts.pid)
+        .await
+        .map_err(|e| MigrationError::before_start(Side::Source, "check", e))?;
 
     let mut gate = match &opts.proxy {
         Some(p) => Some(

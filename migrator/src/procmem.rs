@@ -1032,6 +1032,26 @@ pub struct MapsEntry<'a> {
     pub path: &'a str,
 }
 
+/// Whether any mapping of `pid` is registered with a userfaultfd for missing pages (`um` in its
+/// smaps `VmFlags`): the mark of a lazy restore whose memory is still being filled in. Such
+/// pages are absent until they come, so a dump or pre-copy scan taken now would miss them.
+pub fn userfaultfd_registered(pid: i32) -> Result<bool, MemError> {
+    let path = format!("/proc/{pid}/smaps");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(smaps_has_uffd(&text)),
+        Err(e) if is_gone(&e) => Err(MemError::NoProcess { pid }),
+        Err(e) => Err(proc_err(path, e)),
+    }
+}
+
+/// Whether an smaps text lists a mapping with the `um` (userfaultfd missing) flag.
+fn smaps_has_uffd(smaps: &str) -> bool {
+    smaps
+        .lines()
+        .filter_map(|l| l.strip_prefix("VmFlags:"))
+        .any(|flags| flags.split_whitespace().any(|f| f == "um"))
+}
+
 /// Parses one line of `/proc/PID/maps`:
 /// `start-end perms offset major:minor inode [path]`, the path being everything after the
 /// padding (it may contain spaces; newlines in it are escaped by the kernel as `\012`).
@@ -1825,5 +1845,16 @@ time.sleep(30)
         );
         assert!(dr.pages_scanned >= 16384);
         assert!((dr.mb_per_sec - dr.pages_per_sec * 4096.0 / 1e6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn smaps_userfaultfd_flag() {
+        let plain = "7f00-7f01 rw-p 00000000 00:00 0\nSize: 4 kB\nVmFlags: rd wr mr mw me ac sd\n";
+        let lazy = "7f00-7f01 rw-p 00000000 00:00 0\nVmFlags: rd wr mr mw me ac um\n";
+        assert!(!smaps_has_uffd(plain));
+        assert!(smaps_has_uffd(&format!("{plain}{lazy}")));
+        // "um" only as a flag of its own, not inside another word.
+        assert!(!smaps_has_uffd("VmFlags: rd wr umx\n"));
+        assert!(!userfaultfd_registered(std::process::id() as i32).expect("own smaps"));
     }
 }

@@ -19,6 +19,12 @@ const SOCKET: &str = "lazy-pages.socket";
 /// The daemon's log, in the images directory.
 pub const LOG: &str = "lazy-pages.log";
 
+/// Whether `name` is one of the daemon's own files in the images directory: a source must not
+/// send such a file (it would pose as the daemon's socket or overwrite its log).
+pub fn is_daemon_file(name: &str) -> bool {
+    name == SOCKET || name == LOG
+}
+
 impl Criu {
     /// Whether this kernel and CRIU can restore lazily (CRIU's `lazy_pages` feature check:
     /// userfaultfd with non-cooperative events).
@@ -42,8 +48,9 @@ impl Criu {
 
     /// Starts a `criu lazy-pages` daemon for the image set in `images`. It needs the image files
     /// other than page data at once (it reads the process tree); the pages files must be complete
-    /// before the restore starts. Killed when the handle is dropped, unless it is being
-    /// [finished](LazyPages::finish).
+    /// before the restore starts. It runs in a process group of its own (a Ctrl-C meant for the
+    /// agent must not reach it) and is killed when the handle is dropped, unless
+    /// [detached](LazyPages::detach).
     pub fn start_lazy_pages(&self, images: &Path) -> Result<LazyPages, CriuError> {
         let child = tokio::process::Command::new(self.path())
             .arg("lazy-pages")
@@ -55,13 +62,14 @@ impl Criu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .map_err(CriuError::Spawn)?;
         Ok(LazyPages {
             child,
             images: images.to_path_buf(),
             started: Instant::now(),
-            serving: false,
+            detached: false,
         })
     }
 }
@@ -72,20 +80,31 @@ pub struct LazyPages {
     child: tokio::process::Child,
     images: PathBuf,
     started: Instant,
-    /// It serves a committed service: dropping the handle (an agent shutting down) must not
-    /// kill it, or the service faults on memory that never comes.
-    serving: bool,
+    /// It serves a committed service: dropping the handle (an agent that stops) must not kill
+    /// it, or the service reads zeros where its memory never came.
+    detached: bool,
 }
 
 impl Drop for LazyPages {
     fn drop(&mut self) {
-        if !self.serving {
+        if !self.detached {
             let _ = self.child.start_kill();
         }
     }
 }
 
 impl LazyPages {
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// From now on the daemon outlives this handle: call it as soon as the restored service is
+    /// committed, before anything can drop the handle.
+    pub fn detach(&mut self) {
+        self.detached = true;
+    }
+
     /// Waits until the daemon listens (its socket exists), at most `timeout`.
     pub async fn ready(&mut self, timeout: Duration) -> Result<(), CriuError> {
         let socket = self.images.join(SOCKET);
@@ -106,24 +125,14 @@ impl LazyPages {
         }
     }
 
-    /// Waits until the daemon has put every page in place and exited, at most `timeout`;
-    /// returns how long it ran. On timeout it is killed.
-    ///
-    /// From this call on the daemon outlives the handle: if the caller is dropped (the agent
-    /// stops), it carries on filling the service's memory.
-    pub async fn finish(mut self, timeout: Duration) -> Result<Duration, CriuError> {
-        self.serving = true;
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(Ok(status)) if status.success() => Ok(self.started.elapsed()),
-            Ok(Ok(status)) => Err(self.failed(status, "failed")),
-            Ok(Err(e)) => Err(CriuError::Rpc(e)),
-            Err(_) => {
-                let _ = self.child.kill().await;
-                Err(self.failed_with(format!(
-                    "still filling memory after {} s; killed",
-                    timeout.as_secs()
-                )))
-            }
+    /// Waits until the daemon has put every page in place and exited; returns how long it ran
+    /// since it started. Never kills it: after a commit, killing it would leave the service
+    /// reading zeros where its memory never came.
+    pub async fn wait(&mut self) -> Result<Duration, CriuError> {
+        match self.child.wait().await {
+            Ok(status) if status.success() => Ok(self.started.elapsed()),
+            Ok(status) => Err(self.failed(status, "failed")),
+            Err(e) => Err(CriuError::Rpc(e)),
         }
     }
 
