@@ -85,6 +85,8 @@ pub enum LazyRestore {
 
 /// How long a lazy-pages daemon may take to listen before the restore falls back to a full one.
 const LAZY_READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a stopping agent waits for committed lazy restores to finish filling in memory.
+const LAZY_SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// How long a lazy-pages daemon may take to fill a restored service's memory.
 const LAZY_FILL_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -115,6 +117,8 @@ struct Ctx {
     metrics: Arc<AgentMetrics>,
     /// Restores are lazy (see [`LazyRestore`]).
     lazy: bool,
+    /// Committed lazy restores whose memory is still being filled in.
+    lazy_fills: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -170,6 +174,7 @@ pub async fn run(
         children: Arc::new(Mutex::new(Vec::new())),
         metrics,
         lazy,
+        lazy_fills: Mutex::new(Vec::new()),
     });
     let reaper = tokio::spawn(reap(ctx.children.clone()));
     tokio::pin!(shutdown);
@@ -194,6 +199,30 @@ pub async fn run(
         }
     }
     endpoint.close(0u32.into(), b"agent shutting down");
+    // Fills of committed lazy restores finish by themselves (their daemons are detached), but
+    // their image sets are removed only by the task that waits for them: give them a moment.
+    let fills = match ctx.lazy_fills.lock() {
+        Ok(mut f) => std::mem::take(&mut *f),
+        Err(p) => std::mem::take(&mut *p.into_inner()),
+    };
+    let fills: Vec<_> = fills.into_iter().filter(|f| !f.is_finished()).collect();
+    if !fills.is_empty() {
+        info!(
+            n = fills.len(),
+            "waiting up to {} s for lazy restores to fill in memory",
+            LAZY_SHUTDOWN_WAIT.as_secs()
+        );
+        let deadline = tokio::time::Instant::now() + LAZY_SHUTDOWN_WAIT;
+        for f in fills {
+            if tokio::time::timeout_at(deadline, f).await.is_err() {
+                warn!(
+                    "a lazy restore is still filling in memory; its daemon carries on, its image \
+                     set stays in {}",
+                    ctx.cfg.work_dir.display()
+                );
+            }
+        }
+    }
     reaper.abort();
     if let Some(m) = metrics_server {
         m.abort();
@@ -579,10 +608,16 @@ async fn migration(
                 // The daemon still reads the pages files: they go when it is done.
                 Some(daemon) => {
                     let _ = std::fs::remove_file(&prov.record);
-                    tokio::spawn(
+                    let fill = tokio::spawn(
                         finish_lazy(daemon, prov.images.clone(), ctx.metrics.clone())
                             .in_current_span(),
                     );
+                    let mut fills = match ctx.lazy_fills.lock() {
+                        Ok(f) => f,
+                        Err(p) => p.into_inner(),
+                    };
+                    fills.retain(|f| !f.is_finished());
+                    fills.push(fill);
                 }
                 None => prov.forget(),
             }
