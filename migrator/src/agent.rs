@@ -201,11 +201,10 @@ pub async fn run(
     endpoint.close(0u32.into(), b"agent shutting down");
     // Fills of committed lazy restores finish by themselves (their daemons are detached), but
     // their image sets are removed only by the task that waits for them: give them a moment.
-    let fills = match ctx.lazy_fills.lock() {
-        Ok(mut f) => std::mem::take(&mut *f),
-        Err(p) => std::mem::take(&mut *p.into_inner()),
-    };
-    let fills: Vec<_> = fills.into_iter().filter(|f| !f.is_finished()).collect();
+    let fills: Vec<_> = std::mem::take(&mut *lock(&ctx.lazy_fills))
+        .into_iter()
+        .filter(|f| !f.is_finished())
+        .collect();
     if !fills.is_empty() {
         info!(
             n = fills.len(),
@@ -231,15 +230,18 @@ pub async fn run(
     Ok(())
 }
 
+/// Locks `m`, also after a panic elsewhere poisoned it: the agent's shared lists stay usable
+/// (each update is a single insert, remove or retain).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 async fn reap(children: Arc<Mutex<Vec<i32>>>) {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
-        let mut list = match children.lock() {
-            Ok(l) => l,
-            Err(p) => p.into_inner(),
-        };
+        let mut list = lock(&children);
         list.retain(|&pid| {
             match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => true,
@@ -323,13 +325,7 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
             let _ = tx.send(&FromAgent::Refused { reason }).await;
             return;
         }
-        let claimed = {
-            let mut busy = match ctx.busy.lock() {
-                Ok(b) => b,
-                Err(p) => p.into_inner(),
-            };
-            busy.insert(service_addr.addr())
-        };
+        let claimed = lock(&ctx.busy).insert(service_addr.addr());
         if !claimed {
             let reason = format!("a migration of {service_addr} is already in progress here");
             ctx.metrics.ended(Outcome::Refused);
@@ -366,11 +362,7 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.ctx.metrics.migrations_in_progress.add(-1);
-        let mut busy = match self.ctx.busy.lock() {
-            Ok(b) => b,
-            Err(p) => p.into_inner(),
-        };
-        busy.remove(&self.addr);
+        lock(&self.ctx.busy).remove(&self.addr);
     }
 }
 
@@ -612,10 +604,7 @@ async fn migration(
                         finish_lazy(daemon, prov.images.clone(), ctx.metrics.clone())
                             .in_current_span(),
                     );
-                    let mut fills = match ctx.lazy_fills.lock() {
-                        Ok(f) => f,
-                        Err(p) => p.into_inner(),
-                    };
+                    let mut fills = lock(&ctx.lazy_fills);
                     fills.retain(|f| !f.is_finished());
                     fills.push(fill);
                 }
@@ -623,22 +612,16 @@ async fn migration(
             }
             Outcome::Committed
         }
-        Ok(ToAgent::Abort { reason }) => {
-            warn!("source aborted after the restore: {reason}");
-            // The restored copy goes before its daemon (undo kills both, in that order).
-            prov.undo().await;
-            drop(lazy);
-            Outcome::Undone
-        }
-        Ok(other) => {
-            warn!("unexpected {other:?} instead of commit; undoing");
-            // The restored copy goes before its daemon (undo kills both, in that order).
-            prov.undo().await;
-            drop(lazy);
-            Outcome::Undone
-        }
-        Err(e) => {
-            warn!("no commit from the source ({e}); undoing, the source keeps the service");
+        undecided => {
+            match undecided {
+                Ok(ToAgent::Abort { reason }) => {
+                    warn!("source aborted after the restore: {reason}")
+                }
+                Ok(other) => warn!("unexpected {other:?} instead of commit; undoing"),
+                Err(e) => {
+                    warn!("no commit from the source ({e}); undoing, the source keeps the service")
+                }
+            }
             // The restored copy goes before its daemon (undo kills both, in that order).
             prov.undo().await;
             drop(lazy);
@@ -942,15 +925,17 @@ async fn receive_and_restore(
         .restore(&prov.images, lazy.is_some())
         .await
         .map_err(|e| fail("restore")(e.to_string()))?;
-    ctx.metrics.restore_duration.observe(t0.elapsed());
-    let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let restore_time = t0.elapsed();
+    ctx.metrics.restore_duration.observe(restore_time);
+    let restore_ms = restore_time.as_secs_f64() * 1e3;
     if let Ok(mut c) = ctx.children.lock() {
         c.push(restored.pid);
     }
     prov.restored = process_start_time(restored.pid).map(|s| (restored.pid, s));
     prov.tables.clear();
     prov.save();
-    let stats = criu::images::stats(&prov.images.join("stats-restore"))
+    // Zeros where CRIU wrote no statistics (the source reports those as zeros too).
+    let mut stats = criu::images::stats(&prov.images.join("stats-restore"))
         .ok()
         .flatten()
         .and_then(|s| s.restore)
@@ -958,14 +943,10 @@ async fn receive_and_restore(
             forking_time_us: r.forking_time,
             restore_time_us: r.restore_time,
             pages_restored: r.pages_restored.unwrap_or(0),
-            lazy: lazy.is_some(),
+            ..Default::default()
         })
-        .or_else(|| {
-            lazy.is_some().then(|| CriuRestoreStats {
-                lazy: true,
-                ..Default::default()
-            })
-        });
+        .unwrap_or_default();
+    stats.lazy = lazy.is_some();
     info!(
         pid = restored.pid,
         restore_ms,
@@ -977,7 +958,7 @@ async fn receive_and_restore(
         pid: restored.pid,
         restore_ms,
         criu_restore_ms: restored.elapsed.as_secs_f64() * 1e3,
-        stats,
+        stats: Some(stats),
     })
     .await
     .map_err(|e| {

@@ -40,12 +40,8 @@ impl Outcome {
     }
 
     fn index(self) -> usize {
-        match self {
-            Outcome::Refused => 0,
-            Outcome::Failed => 1,
-            Outcome::Undone => 2,
-            Outcome::Committed => 3,
-        }
+        // Declaration order, which is also the order of `ALL`.
+        self as usize
     }
 }
 
@@ -173,12 +169,7 @@ pub fn render(m: &AgentMetrics) -> String {
         ),
     ] {
         head(&mut out, name, "histogram", help);
-        for (bound, count) in h.buckets() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count());
-        let _ = writeln!(out, "{name}_sum {}", h.sum().as_secs_f64());
-        let _ = writeln!(out, "{name}_count {}", h.count());
+        h.write_samples(&mut out, name, "");
     }
     out
 }

@@ -150,12 +150,30 @@ impl DurationHistogram {
     pub fn sum(&self) -> Duration {
         Duration::from_micros(self.sum_micros.get())
     }
-    /// The cumulative buckets: (upper bound in seconds, durations at most that long).
-    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
-        DURATION_BUCKETS
-            .iter()
-            .zip(&self.buckets)
-            .map(|(bound, c)| (*bound, c.get()))
+    /// Writes this histogram as the samples of family `name` in Prometheus' text format
+    /// (cumulative `_bucket`s up to `+Inf`, `_sum`, `_count`). `labels` are the samples' other
+    /// label pairs, already escaped (`k="v",...`), or empty.
+    pub fn write_samples(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (b, bound) in self.buckets.iter().zip(DURATION_BUCKETS) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
+                b.get()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count()
+        );
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braced} {}", self.sum().as_secs_f64());
+        let _ = writeln!(out, "{name}_count{braced} {}", self.count());
     }
 }
 
@@ -436,23 +454,7 @@ pub fn render(global: &GlobalMetrics, services: &[(&str, &ServiceMetrics)]) -> S
     ] {
         w.head(name, "histogram", help);
         for (s, m) in services {
-            let h = f(m);
-            for (b, bound) in h.buckets.iter().zip(DURATION_BUCKETS) {
-                let le = format!("{bound}");
-                w.line(
-                    &format!("{name}_bucket"),
-                    &labels(s, &[("le", &le)]),
-                    b.get(),
-                );
-            }
-            w.line(
-                &format!("{name}_bucket"),
-                &labels(s, &[("le", "+Inf")]),
-                h.count(),
-            );
-            let sum = h.sum().as_secs_f64();
-            let _ = writeln!(w.out, "{name}_sum{} {sum}", labels(s, &[]));
-            w.line(&format!("{name}_count"), &labels(s, &[]), h.count());
+            f(m).write_samples(w.out, name, &label_pairs(s, &[]));
         }
     }
     out
@@ -474,7 +476,12 @@ impl Writer<'_> {
 
 /// `{service="NAME",k="v",...}` with label values escaped.
 fn labels(service: &str, extra: &[(&str, &str)]) -> String {
-    let mut s = String::from("{service=\"");
+    format!("{{{}}}", label_pairs(service, extra))
+}
+
+/// `service="NAME",k="v",...` (the inside of [`labels`]) with label values escaped.
+fn label_pairs(service: &str, extra: &[(&str, &str)]) -> String {
+    let mut s = String::from("service=\"");
     escape_into(&mut s, service);
     s.push('"');
     for (k, v) in extra {
@@ -484,7 +491,6 @@ fn labels(service: &str, extra: &[(&str, &str)]) -> String {
         escape_into(&mut s, v);
         s.push('"');
     }
-    s.push('}');
     s
 }
 
