@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_clean, scenario};
+use common::{assert_clean, scenario, wait_for_log};
 use tether::scenario::{Scenario, ScenarioConfig};
 use tether::testbed::Host;
 
@@ -251,7 +251,13 @@ fn agent_refuses_a_certificate_from_another_ca() {
     assert!(run.stderr.contains("Nothing was changed"), "{}", run.stderr);
     assert!(s.service_alive());
     assert_eq!(s.pid(), pid);
-    let log = std::fs::read_to_string(s.agent_log(Host::Dst)).expect("agent log");
+    // The agent learns of the refusal from the client's CONNECTION_CLOSE (or, were that lost,
+    // at its 3 s handshake idle timeout) and logs it asynchronously.
+    let log = wait_for_log(
+        &s.agent_log(Host::Dst),
+        "refused connection",
+        Duration::from_secs(10),
+    );
     assert!(
         log.contains("refused connection"),
         "the agent logs the refusal: {log}"

@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{assert_clean, scenario};
+use common::{assert_clean, scenario, wait_for_log};
 use tether::scenario::ScenarioConfig;
 use tether::testbed::Host;
 use tether_migrator::report::Report;
@@ -215,13 +215,16 @@ fn cancelling_during_precopy_leaves_the_service_untouched() {
     s.verify_state().expect("state intact");
     assert_clean(&clients.finish().expect("client report"), "cancel");
     // The agent dropped what it had received and changed nothing on its host.
-    std::thread::sleep(Duration::from_millis(500));
+    let log = wait_for_log(
+        &s.agent_log(Host::Dst),
+        "source aborted",
+        Duration::from_secs(10),
+    );
+    assert!(log.contains("source aborted"), "{log}");
     assert!(!s
         .addresses(Host::Dst)
         .expect("addrs")
         .contains(&s.topo.service_ip()));
-    let log = std::fs::read_to_string(s.agent_log(Host::Dst)).expect("agent log");
-    assert!(log.contains("source aborted"), "{log}");
 }
 
 /// A source that speaks the protocol by hand, to send what a correct source never sends.

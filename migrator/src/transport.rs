@@ -97,10 +97,16 @@ pub async fn connect(
         })?;
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(c)) => Ok((endpoint, c)),
-        Ok(Err(e)) => Err(TransportError::Connect {
-            addr: to,
-            reason: e.to_string(),
-        }),
+        Ok(Err(e)) => {
+            // A handshake we refused (say, the agent's certificate is from another CA) queued a
+            // CONNECTION_CLOSE; let it go out, bounded, so the agent learns now rather than at
+            // its idle timeout.
+            let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+            Err(TransportError::Connect {
+                addr: to,
+                reason: e.to_string(),
+            })
+        }
         Err(_) => Err(TransportError::Connect {
             addr: to,
             reason: format!("no answer within {timeout:?} (is `tether agent` running there?)"),

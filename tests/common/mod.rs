@@ -33,3 +33,17 @@ pub fn assert_clean(r: &ClientReport, what: &str) {
         "{what}: state verification"
     );
 }
+
+/// Waits (up to `within`) until the log at `path` contains `needle`, and returns the log as last
+/// read. Processes write their logs asynchronously to what a test observes, so a test that
+/// checks a log line waits for it rather than reading once.
+pub fn wait_for_log(path: &std::path::Path, needle: &str, within: std::time::Duration) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.contains(needle) || std::time::Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
