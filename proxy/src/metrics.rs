@@ -33,6 +33,8 @@ pub enum DropReason {
     UdpUpstreamSocket,
     /// Sending a datagram to the client failed.
     UdpClientSend,
+    /// A datagram longer than the receive buffer (never passed on cut short).
+    UdpTooLong,
     /// A TCP connection refused because the service had its maximum number of connections.
     TcpFlowLimit,
     /// A TCP connection closed because its upstream connection could not be opened.
@@ -41,7 +43,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in a fixed order (the metrics' order).
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::UdpFlowTableFull,
         DropReason::HoldFlowDatagrams,
         DropReason::HoldFlowBytes,
@@ -51,6 +53,7 @@ impl DropReason {
         DropReason::UdpUpstreamSend,
         DropReason::UdpUpstreamSocket,
         DropReason::UdpClientSend,
+        DropReason::UdpTooLong,
         DropReason::TcpFlowLimit,
         DropReason::TcpUpstreamConnect,
     ];
@@ -67,6 +70,7 @@ impl DropReason {
             DropReason::UdpUpstreamSend => "udp_upstream_send",
             DropReason::UdpUpstreamSocket => "udp_upstream_socket",
             DropReason::UdpClientSend => "udp_client_send",
+            DropReason::UdpTooLong => "udp_too_long",
             DropReason::TcpFlowLimit => "tcp_flow_limit",
             DropReason::TcpUpstreamConnect => "tcp_upstream_connect",
         }

@@ -15,6 +15,10 @@
 //!   datagram that arrives later.
 //! - Redirect re-connects every flow's upstream socket to the new backend (same local port, so
 //!   a QUIC server sees the same peer address) and sends new flows there.
+//! - I/O is batched both ways: up to [`sys::BATCH`] datagrams per `recvmmsg` on the listen
+//!   socket and on each upstream socket, and the consecutive datagrams of one flow go out with
+//!   one `sendmmsg`. Order within a flow is kept; batches form only when datagrams queue up, so
+//!   a lone datagram is not delayed.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -25,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,7 +37,7 @@ use crate::api::{UdpFlowInfo, UnquiescedFlow};
 use crate::config::Limits;
 use crate::hold::{HoldQueue, Usage};
 use crate::metrics::{DropReason, ServiceMetrics};
-use crate::sys;
+use crate::sys::{self, RecvMeta, BATCH};
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
@@ -111,10 +116,18 @@ impl Drop for Flow {
 /// Allocates flow ids unique within a service (shared with its TCP flows).
 pub(crate) type IdSource = Arc<AtomicU64>;
 
+/// Receive buffer asked for on the listen socket, which takes the datagrams of every client
+/// flow (the kernel caps it at `net.core.rmem_max`; the default 208 KiB holds fewer than a
+/// hundred full-size datagrams).
+const LISTEN_RCVBUF: usize = 4 << 20;
+
 /// Binds a UDP listen socket.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let s = std::net::UdpSocket::bind(addr)?;
     s.set_nonblocking(true)?;
+    if let Err(e) = socket2::SockRef::from(&s).set_recv_buffer_size(LISTEN_RCVBUF) {
+        tracing::debug!(%addr, "SO_RCVBUF: {e}");
+    }
     Ok(s)
 }
 
@@ -165,7 +178,8 @@ struct Actor {
 
 impl Actor {
     async fn run(mut self) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; BATCH];
+        let mut meta = [RecvMeta::default(); BATCH];
         let period = (self.limits.udp_idle_timeout() / 4)
             .min(self.limits.hold().max_age / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -178,10 +192,10 @@ impl Actor {
                     Some(cmd) => self.command(cmd).await,
                     None => break,
                 },
-                r = self.listen.recv_from(&mut buf) => match r {
-                    Ok((n, from)) => self.client_datagram(&buf[..n], from).await,
+                r = self.listen.readable() => match r {
+                    Ok(()) => self.client_batch(&mut bufs, &mut meta).await,
                     Err(e) => {
-                        tracing::debug!(service = %self.service, listen = %self.local, "recv: {e}");
+                        tracing::debug!(service = %self.service, listen = %self.local, "readable: {e}");
                     }
                 },
                 _ = tick.tick() => self.housekeeping(Instant::now()),
@@ -192,6 +206,39 @@ impl Actor {
         self.metrics.udp_flows.add(-n);
     }
 
+    /// Takes what the listen socket holds (one `recvmmsg`) and handles it run by run of
+    /// datagrams from one client, in arrival order.
+    async fn client_batch(&mut self, bufs: &mut [Vec<u8>], meta: &mut [RecvMeta; BATCH]) {
+        let listen = self.listen.clone();
+        let n = match listen.try_io(Interest::READABLE, || {
+            sys::recv_batch(listen.as_fd(), bufs, meta)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                tracing::debug!(service = %self.service, listen = %self.local, "recv: {e}");
+                return;
+            }
+        };
+        let mut i = 0;
+        while i < n {
+            let Some(from) = meta[i].from else {
+                i += 1;
+                continue;
+            };
+            let mut run: Vec<&[u8]> = Vec::with_capacity(n - i);
+            while i < n && meta[i].from == Some(from) {
+                if meta[i].truncated {
+                    // A datagram is never passed on cut short.
+                    self.metrics.drop_one(DropReason::UdpTooLong);
+                } else {
+                    run.push(&bufs[i][..meta[i].len]);
+                }
+                i += 1;
+            }
+            self.client_datagrams(&run, from).await;
+        }
+    }
     fn now_ms(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
@@ -262,11 +309,16 @@ impl Actor {
         }
     }
 
-    async fn client_datagram(&mut self, data: &[u8], from: SocketAddr) {
+    /// Handles consecutive datagrams from one client: holds them, or sends them upstream.
+    async fn client_datagrams(&mut self, datagrams: &[&[u8]], from: SocketAddr) {
+        if datagrams.is_empty() {
+            return;
+        }
         let now = Instant::now();
         if !self.flows.contains_key(&from) {
             if self.flows.len() >= self.limits.udp_max_flows {
-                self.metrics.drop_one(DropReason::UdpFlowTableFull);
+                self.metrics
+                    .drop_n(DropReason::UdpFlowTableFull, datagrams.len() as u64);
                 return;
             }
             match self.new_flow(from) {
@@ -277,7 +329,8 @@ impl Actor {
                 }
                 Err(e) => {
                     tracing::warn!(service = %self.service, client = %from, backend = %self.backend, "new UDP flow: {e}");
-                    self.metrics.drop_one(DropReason::UdpUpstreamSocket);
+                    self.metrics
+                        .drop_n(DropReason::UdpUpstreamSocket, datagrams.len() as u64);
                     return;
                 }
             }
@@ -288,46 +341,68 @@ impl Actor {
         }
         if self.holding {
             self.expire(now);
-            match self.queue.push(from, data.to_vec(), now) {
-                Ok(()) => {
-                    self.metrics.held_datagrams.add(1);
-                    self.metrics.held_bytes.add(data.len() as i64);
+            for data in datagrams {
+                match self.queue.push(from, data.to_vec(), now) {
+                    Ok(()) => {
+                        self.metrics.held_datagrams.add(1);
+                        self.metrics.held_bytes.add(data.len() as i64);
+                    }
+                    Err(reason) => self.metrics.drop_one(reason),
                 }
-                Err(reason) => self.metrics.drop_one(reason),
             }
         } else {
-            self.send(from, data).await;
+            self.send(from, datagrams).await;
         }
     }
 
-    /// Sends one datagram of `client`'s flow upstream, counting it.
-    async fn send(&self, client: SocketAddr, data: &[u8]) -> bool {
+    /// Sends datagrams of `client`'s flow upstream, in order, batched; counts them. Returns what
+    /// was sent (a datagram that fails is counted as a drop and the rest go on).
+    async fn send(&self, client: SocketAddr, datagrams: &[&[u8]]) -> Usage {
+        let mut sent = Usage::default();
         let Some(f) = self.flows.get(&client) else {
-            self.metrics.drop_one(DropReason::UdpUpstreamSend);
-            return false;
+            self.metrics
+                .drop_n(DropReason::UdpUpstreamSend, datagrams.len() as u64);
+            return sent;
         };
-        let mut r = f.upstream.send(data).await;
-        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused) {
-            // A pending ICMP error from an earlier datagram (e.g. while the service moved) is
-            // reported on this call; the datagram itself may not have been sent: retry once.
-            r = f.upstream.send(data).await;
-        }
-        match r {
-            Ok(_) => {
-                let s = &f.shared;
-                s.datagrams_to_service.fetch_add(1, Ordering::Relaxed);
-                s.bytes_to_service
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                self.metrics.udp_datagrams_to_service.inc();
-                self.metrics.udp_bytes_to_service.add(data.len() as u64);
-                true
+        let mut at = 0;
+        let mut retried = false;
+        while at < datagrams.len() {
+            let left = &datagrams[at..];
+            let r = f
+                .upstream
+                .async_io(Interest::WRITABLE, || {
+                    sys::send_batch(f.upstream.as_fd(), left, None)
+                })
+                .await;
+            match r {
+                Ok(n) => {
+                    let bytes: usize = left[..n].iter().map(|d| d.len()).sum();
+                    let s = &f.shared;
+                    s.datagrams_to_service
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    s.bytes_to_service
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
+                    self.metrics.udp_datagrams_to_service.add(n as u64);
+                    self.metrics.udp_bytes_to_service.add(bytes as u64);
+                    sent.datagrams += n;
+                    sent.bytes += bytes;
+                    at += n;
+                    retried = false;
+                }
+                // A pending ICMP error from an earlier datagram (e.g. while the service moved)
+                // is reported on this call and nothing was sent: retry once.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !retried => {
+                    retried = true;
+                }
+                Err(e) => {
+                    tracing::debug!(service = %self.service, %client, "send upstream: {e}");
+                    self.metrics.drop_one(DropReason::UdpUpstreamSend);
+                    at += 1;
+                    retried = false;
+                }
             }
-            Err(e) => {
-                tracing::debug!(service = %self.service, %client, "send upstream: {e}");
-                self.metrics.drop_one(DropReason::UdpUpstreamSend);
-                false
-            }
         }
+        sent
     }
 
     fn new_flow(&self, client: SocketAddr) -> io::Result<Flow> {
@@ -370,16 +445,32 @@ impl Actor {
     async fn release(&mut self) -> Usage {
         self.expire(Instant::now());
         let mut released = Usage::default();
-        while let Some(h) = self.queue.pop() {
-            let one = Usage {
+        // In arrival order; consecutive datagrams of one flow go out as one batch.
+        let mut run: Vec<Vec<u8>> = Vec::new();
+        let mut run_flow = None;
+        loop {
+            let next = self.queue.pop();
+            let flush = match (&next, run_flow) {
+                (Some(h), Some(f)) => h.flow != f || run.len() == BATCH,
+                (None, Some(_)) => true,
+                (_, None) => false,
+            };
+            if flush {
+                if let Some(f) = run_flow.take() {
+                    let refs: Vec<&[u8]> = run.iter().map(Vec::as_slice).collect();
+                    let sent = self.send(f, &refs).await;
+                    released.datagrams += sent.datagrams;
+                    released.bytes += sent.bytes;
+                    run.clear();
+                }
+            }
+            let Some(h) = next else { break };
+            self.account_unheld(Usage {
                 datagrams: 1,
                 bytes: h.data.len(),
-            };
-            self.account_unheld(one);
-            if self.send(h.flow, &h.data).await {
-                released.datagrams += 1;
-                released.bytes += h.data.len();
-            }
+            });
+            run_flow = Some(h.flow);
+            run.push(h.data);
         }
         self.metrics
             .released_datagrams_total
@@ -459,9 +550,22 @@ fn unspecified(like: SocketAddr) -> SocketAddr {
 }
 
 thread_local! {
-    /// Receive buffer of the flow reader tasks on this thread: one per thread rather than one
-    /// per flow (it is never held across an await).
-    static RECV_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+    /// Receive buffers of the flow reader tasks on this thread: one set per thread rather than
+    /// one per flow (they are never held across an await).
+    static RECV_BUFS: RefCell<Vec<Vec<u8>>> = RefCell::new(vec![vec![0; MAX_DATAGRAM]; BATCH]);
+}
+
+/// What one synchronous receive-and-forward step of a flow reader did.
+enum Step {
+    /// Datagrams and bytes sent to the client; `rest` holds copies of those the listen socket
+    /// could not take at once.
+    Sent {
+        datagrams: usize,
+        bytes: usize,
+        rest: Vec<Vec<u8>>,
+    },
+    /// Nothing to read (readiness cleared).
+    Idle,
 }
 
 /// Relays the service's datagrams of one flow to the client, from the listen socket.
@@ -474,41 +578,66 @@ async fn reader(
     epoch: Instant,
 ) {
     let mut errors = 0u32;
+    let mut meta = [RecvMeta::default(); BATCH];
     loop {
         if upstream.readable().await.is_err() {
             return;
         }
-        // Receive and try to send in one synchronous step, so the shared buffer is never held
-        // across an await; a datagram the listen socket cannot take at once is copied.
-        let step = RECV_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            match upstream.try_recv(&mut b) {
-                Ok(n) => match listen.try_send_to(&b[..n], client) {
-                    Ok(_) => Ok(Some((n, None))),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        Ok(Some((n, Some(b[..n].to_vec()))))
-                    }
+        // Receive a batch and try to send it on in one synchronous step, so the shared buffers
+        // are never held across an await; what the listen socket cannot take at once is copied.
+        let step = RECV_BUFS.with(|b| -> io::Result<Step> {
+            let mut bufs = b.borrow_mut();
+            let n = match upstream.try_io(Interest::READABLE, || {
+                sys::recv_batch(upstream.as_fd(), &mut bufs, &mut meta)
+            }) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Idle),
+                Err(e) => return Err(e),
+            };
+            let mut out: Vec<&[u8]> = Vec::with_capacity(n);
+            for (m, buf) in meta[..n].iter().zip(bufs.iter()) {
+                if m.truncated {
+                    metrics.drop_one(DropReason::UdpTooLong);
+                } else {
+                    out.push(&buf[..m.len]);
+                }
+            }
+            let mut sent = 0;
+            while sent < out.len() {
+                match sys::send_batch(listen.as_fd(), &out[sent..], Some(client)) {
+                    Ok(k) => sent += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         tracing::debug!(%client, "send to client: {e}");
                         metrics.drop_one(DropReason::UdpClientSend);
-                        Ok(None)
+                        out.remove(sent);
                     }
-                },
-                Err(e) => Err(e),
-            }
-        });
-        let sent = match step {
-            Ok(Some((n, None))) => Some(n),
-            Ok(Some((n, Some(copy)))) => match listen.send_to(&copy, client).await {
-                Ok(_) => Some(n),
-                Err(e) => {
-                    tracing::debug!(%client, "send to client: {e}");
-                    metrics.drop_one(DropReason::UdpClientSend);
-                    None
                 }
-            },
-            Ok(None) => None,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            }
+            let bytes = out.iter().map(|d| d.len()).sum();
+            Ok(Step::Sent {
+                datagrams: out.len(),
+                bytes,
+                rest: out[sent..].iter().map(|d| d.to_vec()).collect(),
+            })
+        });
+        let (datagrams, bytes) = match step {
+            Ok(Step::Idle) => continue,
+            Ok(Step::Sent {
+                datagrams,
+                bytes,
+                rest,
+            }) => {
+                let mut lost = (0, 0);
+                for d in &rest {
+                    if let Err(e) = listen.send_to(d, client).await {
+                        tracing::debug!(%client, "send to client: {e}");
+                        metrics.drop_one(DropReason::UdpClientSend);
+                        lost = (lost.0 + 1, lost.1 + d.len());
+                    }
+                }
+                (datagrams - lost.0, bytes - lost.1)
+            }
             // ICMP errors from the service side (port unreachable while it moves): keep going.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
             Err(e) => {
@@ -520,16 +649,18 @@ async fn reader(
                 continue;
             }
         };
-        if let Some(n) = sent {
+        if datagrams > 0 {
             errors = 0;
             let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
             shared.last_ms.store(ms, Ordering::Relaxed);
-            shared.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
+            shared
+                .datagrams_to_client
+                .fetch_add(datagrams as u64, Ordering::Relaxed);
             shared
                 .bytes_to_client
-                .fetch_add(n as u64, Ordering::Relaxed);
-            metrics.udp_datagrams_to_client.inc();
-            metrics.udp_bytes_to_client.add(n as u64);
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+            metrics.udp_datagrams_to_client.add(datagrams as u64);
+            metrics.udp_bytes_to_client.add(bytes as u64);
         }
     }
 }

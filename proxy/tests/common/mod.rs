@@ -126,6 +126,10 @@ impl Drop for UdpEcho {
 
 pub async fn udp_echo() -> UdpEcho {
     let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    // Room for bursts of a few hundred datagrams (the kernel caps it at rmem_max).
+    socket2::SockRef::from(&*socket)
+        .set_recv_buffer_size(4 << 20)
+        .expect("SO_RCVBUF");
     let addr = socket.local_addr().expect("addr");
     let (tx, rx) = mpsc::unbounded_channel();
     let s = socket.clone();
