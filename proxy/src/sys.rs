@@ -31,14 +31,10 @@ pub fn recv_batch(
     // SAFETY: as above.
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
     for i in 0..n {
-        let iov = iovs[i].write(libc::iovec {
-            iov_base: bufs[i].as_mut_ptr().cast(),
-            iov_len: bufs[i].len(),
-        });
-        hdrs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
-        hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
-        hdrs[i].msg_hdr.msg_iov = iov;
-        hdrs[i].msg_hdr.msg_iovlen = 1;
+        let name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+        let name_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let buf = (bufs[i].as_mut_ptr().cast(), bufs[i].len());
+        point(&mut hdrs[i], &mut iovs[i], buf, Some((name, name_len)));
     }
     // SAFETY: the first `n` headers point to live, writable buffers (`bufs[i]`, of the length
     // given) and to live sockaddr_storage slots of the size given; the arrays outlive the call
@@ -68,6 +64,26 @@ pub fn recv_batch(
         };
     }
     Ok(got)
+}
+
+/// Points `hdr` at one buffer (`base`, `len`), whose iovec it keeps in `iov`, and at a socket
+/// address, if given. Only stores pointers: the caller's unsafe call is where they must be live.
+fn point(
+    hdr: &mut libc::mmsghdr,
+    iov: &mut MaybeUninit<libc::iovec>,
+    (base, len): (*mut libc::c_void, usize),
+    name: Option<(*mut libc::c_void, libc::socklen_t)>,
+) {
+    let iov = iov.write(libc::iovec {
+        iov_base: base,
+        iov_len: len,
+    });
+    if let Some((name, name_len)) = name {
+        hdr.msg_hdr.msg_name = name;
+        hdr.msg_hdr.msg_namelen = name_len;
+    }
+    hdr.msg_hdr.msg_iov = iov;
+    hdr.msg_hdr.msg_iovlen = 1;
 }
 
 /// What [`recv_batch`] reports of one datagram.
@@ -102,18 +118,13 @@ pub fn send_batch(
     let mut iovs: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
     // SAFETY: mmsghdr is plain old data; all-zero is valid (no name, no control data).
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    let name = name
+        .as_ref()
+        .map(|a| (a.as_ptr().cast_mut().cast(), a.len()));
     for i in 0..n {
-        let iov = iovs[i].write(libc::iovec {
-            // The kernel only reads through this pointer (sendmmsg).
-            iov_base: datagrams[i].as_ptr().cast_mut().cast(),
-            iov_len: datagrams[i].len(),
-        });
-        if let Some(a) = &name {
-            hdrs[i].msg_hdr.msg_name = a.as_ptr().cast_mut().cast();
-            hdrs[i].msg_hdr.msg_namelen = a.len();
-        }
-        hdrs[i].msg_hdr.msg_iov = iov;
-        hdrs[i].msg_hdr.msg_iovlen = 1;
+        // The kernel only reads through this pointer (sendmmsg).
+        let buf = (datagrams[i].as_ptr().cast_mut().cast(), datagrams[i].len());
+        point(&mut hdrs[i], &mut iovs[i], buf, name);
     }
     // SAFETY: the first `n` headers point to live buffers of the lengths given (`datagrams`)
     // and, if any, to a live socket address of the length given (`name`); sendmmsg only reads
