@@ -30,6 +30,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+mod flowctx;
 pub mod hold;
 pub mod metrics;
 mod server;
@@ -38,6 +39,7 @@ pub mod state;
 mod sys;
 mod tcp;
 mod udp;
+mod util;
 
 pub use config::{Config, Limits, ServiceConfig};
 pub use server::{Proxy, ProxyError, ProxyHandle};

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::metrics::{self, GlobalMetrics, ServiceMetrics};
 use crate::service::Service;
 use crate::state::Phase;
+use crate::util::millis;
 use crate::{control, tcp, udp};
 
 /// The proxy could not start.
@@ -137,7 +138,7 @@ impl Proxy {
             )));
         }
         for (i, l) in accepts {
-            tasks.spawn(tcp::accept_loop(services[i].clone(), l));
+            tasks.spawn(services[i].accept_tcp(l));
         }
         let inner = Arc::new(Inner {
             services,
@@ -184,7 +185,7 @@ impl Proxy {
 
         for s in &inner.services {
             tracing::info!(
-                service = %s.name,
+                service = %s.name(),
                 backend = %s.backend(),
                 "listening on tcp {:?} udp {:?}",
                 s.tcp_listen,
@@ -283,7 +284,7 @@ impl ProxyHandle {
         let now = Instant::now();
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime_ms: tcp::millis(now.saturating_duration_since(self.inner.started)),
+            uptime_ms: millis(now.saturating_duration_since(self.inner.started)),
             services: self.inner.services.iter().map(|s| s.status(now)).collect(),
         }
     }
@@ -323,7 +324,7 @@ impl ProxyHandle {
 
     /// The counters of `service`.
     pub fn metrics(&self, service: &str) -> Result<Arc<ServiceMetrics>, CommandError> {
-        Ok(self.service(service)?.metrics.clone())
+        Ok(self.service(service)?.metrics().clone())
     }
 
     /// The proxy-wide counters.
@@ -337,7 +338,7 @@ impl ProxyHandle {
             .inner
             .services
             .iter()
-            .map(|s| (s.name.as_str(), &*s.metrics))
+            .map(|s| (s.name(), &**s.metrics()))
             .collect();
         metrics::render(&self.inner.global, &list)
     }

@@ -5,12 +5,14 @@
 //! start and to finish, not while it waits for quiescence, so that a resume (or the hold timeout)
 //! can end a pause that does not quiesce.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{
@@ -18,11 +20,13 @@ use crate::api::{
     UnquiescedFlow,
 };
 use crate::config::Limits;
+use crate::flowctx::FlowCtx;
 use crate::hold::Usage;
 use crate::metrics::{DropReason, GlobalMetrics, ServiceMetrics};
 use crate::state::{Phase, ServiceState};
-use crate::tcp::{millis, TcpFlow};
+use crate::tcp::{self, TcpFlow, TcpFlows};
 use crate::udp::UdpHandle;
+use crate::util::millis;
 
 /// How often a pause checks whether its flows have quiesced, at most (a flow that stops
 /// reading wakes it earlier).
@@ -36,23 +40,16 @@ pub(crate) const MAX_PAUSE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug)]
 pub(crate) struct Service {
-    pub name: String,
-    pub limits: Limits,
+    /// Name, limits, counters, and the gate and backend its TCP flows follow.
+    ctx: Arc<FlowCtx>,
     pub tcp_listen: Vec<SocketAddr>,
     pub udp_listen: Vec<SocketAddr>,
-    pub metrics: Arc<ServiceMetrics>,
-    pub global: Arc<GlobalMetrics>,
-    /// Open (`true`) while client-to-service data may flow.
-    pub gate: watch::Sender<bool>,
     /// The phase, for observers.
     phase_tx: watch::Sender<Phase>,
-    /// Signalled when a flow stops reading from its client (for a pause waiting to quiesce).
-    pub parked: tokio::sync::Notify,
     state: Mutex<ServiceState>,
     ops: tokio::sync::Mutex<()>,
-    tcp_flows: Mutex<HashMap<u64, Arc<TcpFlow>>>,
+    tcp: Arc<TcpFlows>,
     udp: Vec<UdpHandle>,
-    ids: Arc<AtomicU64>,
 }
 
 impl Service {
@@ -69,21 +66,32 @@ impl Service {
         global: Arc<GlobalMetrics>,
     ) -> Service {
         Service {
-            name,
-            limits,
+            ctx: Arc::new(FlowCtx::new(name, backend, limits, ids, metrics, global)),
             tcp_listen,
             udp_listen,
-            metrics,
-            global,
-            gate: watch::Sender::new(true),
             phase_tx: watch::Sender::new(Phase::Active),
-            parked: tokio::sync::Notify::new(),
             state: Mutex::new(ServiceState::new(backend)),
             ops: tokio::sync::Mutex::new(()),
-            tcp_flows: Mutex::new(HashMap::new()),
+            tcp: Arc::new(TcpFlows::default()),
             udp,
-            ids,
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.ctx.name
+    }
+
+    pub fn metrics(&self) -> &Arc<ServiceMetrics> {
+        &self.ctx.metrics
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.ctx.limits
+    }
+
+    /// Accepts this service's TCP connections on `listener` until the task is aborted.
+    pub fn accept_tcp(&self, listener: TcpListener) -> impl Future<Output = ()> + Send + 'static {
+        tcp::accept_loop(self.ctx.clone(), self.tcp.clone(), listener)
     }
 
     fn state(&self) -> MutexGuard<'_, ServiceState> {
@@ -92,26 +100,15 @@ impl Service {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes the state, then sets the gate from it and publishes the phase. The data path
-    /// follows the pure state only through these two.
+    /// Changes the state, then sets the backend for new flows and the gate from it and
+    /// publishes the phase. The data path follows the pure state only through these.
     fn with_state<R>(&self, f: impl FnOnce(&mut ServiceState) -> R) -> R {
         let mut s = self.state();
         let r = f(&mut s);
-        let open = s.client_data_flows();
-        self.gate
-            .send_if_modified(|g| std::mem::replace(g, open) != open);
+        self.ctx.publish(s.backend(), s.client_data_flows());
         self.phase_tx
             .send_if_modified(|p| std::mem::replace(p, s.phase()) != s.phase());
         r
-    }
-
-    fn flows_map(&self) -> MutexGuard<'_, HashMap<u64, Arc<TcpFlow>>> {
-        // Only inserts and removes happen under this lock.
-        self.tcp_flows.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn next_flow_id(&self) -> u64 {
-        self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Where new flows go.
@@ -124,18 +121,8 @@ impl Service {
         self.phase_tx.subscribe()
     }
 
-    pub fn register_tcp(&self, flow: Arc<TcpFlow>) {
-        self.flows_map().insert(flow.id, flow);
-    }
-
-    pub fn unregister_tcp(&self, id: u64) {
-        self.flows_map().remove(&id);
-    }
-
     fn tcp_snapshot(&self) -> Vec<Arc<TcpFlow>> {
-        let mut v: Vec<_> = self.flows_map().values().cloned().collect();
-        v.sort_by_key(|f| f.id);
-        v
+        self.tcp.snapshot()
     }
 
     /// Stops every TCP flow task (proxy shutdown).
@@ -155,7 +142,7 @@ impl Service {
         for u in &self.udp {
             match u.check_quiet().await {
                 Ok(mut x) => v.append(&mut x),
-                Err(e) => tracing::error!(service = %self.name, "{e}"),
+                Err(e) => tracing::error!(service = %self.ctx.name, "{e}"),
             }
         }
         v
@@ -170,14 +157,14 @@ impl Service {
                     total.datagrams += x.datagrams;
                     total.bytes += x.bytes;
                 }
-                Err(e) => tracing::error!(service = %self.name, "{e}"),
+                Err(e) => tracing::error!(service = %self.ctx.name, "{e}"),
             }
         }
         total
     }
 
     fn udp_flow_count(&self) -> u64 {
-        u64::try_from(self.metrics.udp_flows.get()).unwrap_or(0)
+        u64::try_from(self.ctx.metrics.udp_flows.get()).unwrap_or(0)
     }
 
     /// Pauses the service: stops client-to-service data and waits until every flow is quiet,
@@ -186,22 +173,22 @@ impl Service {
         self: &Arc<Self>,
         timeout: Option<Duration>,
     ) -> Result<PauseReport, CommandError> {
-        let timeout = timeout.unwrap_or(self.limits.pause_timeout());
+        let timeout = timeout.unwrap_or(self.limits().pause_timeout());
         if timeout.is_zero() || timeout > MAX_PAUSE_TIMEOUT {
             return Err(CommandError::BadRequest(format!(
                 "timeout_ms must be between 1 and {}",
                 MAX_PAUSE_TIMEOUT.as_millis()
             )));
         }
-        let max_hold = self.limits.max_hold();
+        let max_hold = self.limits().max_hold();
         let ticket = {
             let _op = self.ops.lock().await;
             let ticket = self.with_state(|s| s.begin_pause(Instant::now(), timeout, max_hold))?;
-            self.metrics.pauses_total.inc();
+            self.ctx.metrics.pauses_total.inc();
             // The gate is closed now; the flows are looked at only after this (see tcp.rs).
             for u in &self.udp {
                 if let Err(e) = u.hold().await {
-                    tracing::error!(service = %self.name, "{e}");
+                    tracing::error!(service = %self.ctx.name, "{e}");
                 }
             }
             let weak = Arc::downgrade(self);
@@ -214,7 +201,7 @@ impl Service {
             });
             ticket
         };
-        tracing::info!(service = %self.name, pause = ticket.id, "pausing");
+        tracing::info!(service = %self.ctx.name, pause = ticket.id, "pausing");
         let cancelled =
             || CommandError::Cancelled("a resume command or the hold timeout".to_string());
         let started = Instant::now();
@@ -226,16 +213,16 @@ impl Service {
                 let quiesce = self
                     .with_state(|s| s.confirm_quiesced(ticket.id, now))
                     .map_err(|_| cancelled())?;
-                self.metrics.quiesce_duration.observe(quiesce);
+                self.ctx.metrics.quiesce_duration.observe(quiesce);
                 let report = PauseReport {
-                    service: self.name.clone(),
+                    service: self.ctx.name.clone(),
                     quiesce_ms: quiesce.as_secs_f64() * 1e3,
                     tcp_flows: self.tcp_snapshot().len() as u64,
                     udp_flows: self.udp_flow_count(),
                     max_hold_ms: millis(ticket.hold_deadline.saturating_duration_since(now)),
                 };
                 tracing::info!(
-                    service = %self.name,
+                    service = %self.ctx.name,
                     pause = ticket.id,
                     "paused: {} TCP, {} UDP flows quiet after {:.2} ms",
                     report.tcp_flows,
@@ -250,9 +237,9 @@ impl Service {
                     .with_state(|s| s.fail_pause(ticket.id, now))
                     .map_err(|_| cancelled())?;
                 self.release_udp().await;
-                self.metrics.pause_failures_total.inc();
+                self.ctx.metrics.pause_failures_total.inc();
                 tracing::warn!(
-                    service = %self.name,
+                    service = %self.ctx.name,
                     pause = ticket.id,
                     "{} flow(s) did not quiesce within {} ms; pause undone",
                     unq.len(),
@@ -267,7 +254,7 @@ impl Service {
                 let s = self.state();
                 if s.pause_id() != Some(ticket.id) || s.phase() != Phase::Pausing {
                     drop(s);
-                    self.metrics.pause_failures_total.inc();
+                    self.ctx.metrics.pause_failures_total.inc();
                     return Err(cancelled());
                 }
             }
@@ -276,7 +263,7 @@ impl Service {
                 tokio::task::yield_now().await;
             } else {
                 let wait = QUIESCE_POLL.min(ticket.quiesce_deadline.saturating_duration_since(now));
-                let _ = tokio::time::timeout(wait, self.parked.notified()).await;
+                let _ = tokio::time::timeout(wait, self.ctx.parked()).await;
             }
         }
     }
@@ -297,16 +284,16 @@ impl Service {
                     ok += a;
                     failed += b;
                 }
-                Err(e) => tracing::error!(service = %self.name, "{e}"),
+                Err(e) => tracing::error!(service = %self.ctx.name, "{e}"),
             }
         }
         let phase = self
             .with_state(|s| s.finish_redirect())
             .map_err(|e| CommandError::Internal(e.to_string()))?;
-        self.metrics.redirects_total.inc();
-        tracing::info!(service = %self.name, %from, %to, "redirected ({ok} UDP flows, {failed} failed)");
+        self.ctx.metrics.redirects_total.inc();
+        tracing::info!(service = %self.ctx.name, %from, %to, "redirected ({ok} UDP flows, {failed} failed)");
         Ok(RedirectReport {
-            service: self.name.clone(),
+            service: self.ctx.name.clone(),
             from,
             to,
             udp_flows: ok,
@@ -323,9 +310,9 @@ impl Service {
         let rec = self
             .with_state(|s| s.finish_resume(Instant::now()))
             .map_err(|e| CommandError::Internal(e.to_string()))?;
-        self.metrics.pause_duration.observe(rec.held);
+        self.ctx.metrics.pause_duration.observe(rec.held);
         tracing::info!(
-            service = %self.name,
+            service = %self.ctx.name,
             pause = id,
             "resumed toward {} after {:.2} ms; released {} datagrams",
             rec.backend,
@@ -333,7 +320,7 @@ impl Service {
             released.datagrams
         );
         Ok(ResumeReport {
-            service: self.name.clone(),
+            service: self.ctx.name.clone(),
             held_ms: rec.held.as_secs_f64() * 1e3,
             released_datagrams: released.datagrams as u64,
             released_bytes: released.bytes as u64,
@@ -349,12 +336,12 @@ impl Service {
         let Some(e) = self.with_state(|s| s.expire_hold(id, Instant::now())) else {
             return;
         };
-        self.metrics.hold_timeouts_total.inc();
+        self.ctx.metrics.hold_timeouts_total.inc();
         tracing::error!(
-            service = %self.name,
+            service = %self.ctx.name,
             pause = id,
             "pause not resumed within {} ms: resuming toward the previous backend {}{}",
-            self.limits.max_hold_ms,
+            self.limits().max_hold_ms,
             e.backend,
             e.abandoned_redirect
                 .map(|a| format!(" (abandoning the redirect to {a})"))
@@ -363,14 +350,14 @@ impl Service {
         if e.abandoned_redirect.is_some() {
             for u in &self.udp {
                 if let Err(err) = u.redirect(e.backend).await {
-                    tracing::error!(service = %self.name, "{err}");
+                    tracing::error!(service = %self.ctx.name, "{err}");
                 }
             }
         }
         self.release_udp().await;
         match self.with_state(|s| s.finish_resume(Instant::now())) {
-            Ok(rec) => self.metrics.pause_duration.observe(rec.held),
-            Err(err) => tracing::error!(service = %self.name, "{err}"),
+            Ok(rec) => self.ctx.metrics.pause_duration.observe(rec.held),
+            Err(err) => tracing::error!(service = %self.ctx.name, "{err}"),
         }
     }
 
@@ -379,11 +366,11 @@ impl Service {
         let s = self.state().clone();
         let drops: BTreeMap<String, u64> = DropReason::ALL
             .iter()
-            .map(|r| (r.as_str().to_string(), self.metrics.drops(*r)))
+            .map(|r| (r.as_str().to_string(), self.ctx.metrics.drops(*r)))
             .filter(|(_, n)| *n > 0)
             .collect();
         ServiceStatus {
-            name: self.name.clone(),
+            name: self.ctx.name.clone(),
             phase: s.phase(),
             backend: s.backend(),
             backend_before_pause: s.backend_before_pause(),
@@ -393,10 +380,10 @@ impl Service {
                 .map(|d| millis(d.saturating_duration_since(now))),
             tcp_listen: self.tcp_listen.clone(),
             udp_listen: self.udp_listen.clone(),
-            tcp_flows: u64::try_from(self.metrics.tcp_flows.get()).unwrap_or(0),
-            udp_flows: u64::try_from(self.metrics.udp_flows.get()).unwrap_or(0),
-            held_datagrams: u64::try_from(self.metrics.held_datagrams.get()).unwrap_or(0),
-            held_bytes: u64::try_from(self.metrics.held_bytes.get()).unwrap_or(0),
+            tcp_flows: u64::try_from(self.ctx.metrics.tcp_flows.get()).unwrap_or(0),
+            udp_flows: u64::try_from(self.ctx.metrics.udp_flows.get()).unwrap_or(0),
+            held_datagrams: u64::try_from(self.ctx.metrics.held_datagrams.get()).unwrap_or(0),
+            held_bytes: u64::try_from(self.ctx.metrics.held_bytes.get()).unwrap_or(0),
             drops,
         }
     }
@@ -409,12 +396,12 @@ impl Service {
         for u in &self.udp {
             match u.list().await {
                 Ok(mut v) => udp.append(&mut v),
-                Err(e) => tracing::error!(service = %self.name, "{e}"),
+                Err(e) => tracing::error!(service = %self.ctx.name, "{e}"),
             }
         }
         udp.sort_by_key(|f: &crate::api::UdpFlowInfo| f.id);
         FlowList {
-            service: self.name.clone(),
+            service: self.ctx.name.clone(),
             tcp,
             udp,
         }

@@ -13,20 +13,22 @@
 //! - A connection accepted while the service is paused waits for the resume before it connects
 //!   upstream, so that it goes to the (new) backend and no SYN is lost to the network lock.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::api::{TcpFlowInfo, UnquiescedFlow};
+use crate::flowctx::FlowCtx;
 use crate::metrics::{DropReason, GlobalMetrics};
-use crate::service::Service;
 use crate::sys;
+use crate::util::millis;
 
 /// No upstream connection; waiting for the gate to open before connecting.
 const STAGE_WAITING: u8 = 0;
@@ -120,8 +122,30 @@ impl TcpFlow {
     }
 }
 
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+/// The TCP flows of one service that are open now, by id.
+#[derive(Debug, Default)]
+pub(crate) struct TcpFlows(Mutex<HashMap<u64, Arc<TcpFlow>>>);
+
+impl TcpFlows {
+    fn map(&self) -> MutexGuard<'_, HashMap<u64, Arc<TcpFlow>>> {
+        // Only inserts and removes happen under this lock.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, flow: Arc<TcpFlow>) {
+        self.map().insert(flow.id, flow);
+    }
+
+    fn remove(&self, id: u64) {
+        self.map().remove(&id);
+    }
+
+    /// The flows open now, in id order.
+    pub fn snapshot(&self) -> Vec<Arc<TcpFlow>> {
+        let mut v: Vec<_> = self.map().values().cloned().collect();
+        v.sort_by_key(|f| f.id);
+        v
+    }
 }
 
 /// Binds a TCP listener with `SO_REUSEADDR` and a large backlog.
@@ -136,12 +160,13 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     s.listen(4096)
 }
 
-/// Accepts connections on `listener` for `svc` until the task is aborted.
-pub(crate) async fn accept_loop(svc: Arc<Service>, listener: TcpListener) {
+/// Accepts connections on `listener` for the service of `ctx` until the task is aborted, and
+/// keeps them in `flows` while they are open.
+pub(crate) async fn accept_loop(ctx: Arc<FlowCtx>, flows: Arc<TcpFlows>, listener: TcpListener) {
     let listen = match listener.local_addr() {
         Ok(a) => a,
         Err(e) => {
-            tracing::error!(service = %svc.name, "tcp listener: {e}");
+            tracing::error!(service = %ctx.name, "tcp listener: {e}");
             return;
         }
     };
@@ -150,20 +175,20 @@ pub(crate) async fn accept_loop(svc: Arc<Service>, listener: TcpListener) {
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.
-                tracing::warn!(service = %svc.name, %listen, "accept: {e}");
+                tracing::warn!(service = %ctx.name, %listen, "accept: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
-        let limit = svc.limits.max_tcp_flows;
-        if usize::try_from(svc.metrics.tcp_flows.get()).unwrap_or(0) >= limit {
-            svc.metrics.drop_one(DropReason::TcpFlowLimit);
+        let limit = ctx.limits.max_tcp_flows;
+        if usize::try_from(ctx.metrics.tcp_flows.get()).unwrap_or(0) >= limit {
+            ctx.metrics.drop_one(DropReason::TcpFlowLimit);
             reset(&client);
-            tracing::debug!(service = %svc.name, %peer, "tcp flow limit {limit} reached");
+            tracing::debug!(service = %ctx.name, %peer, "tcp flow limit {limit} reached");
             continue;
         }
         let flow = Arc::new(TcpFlow {
-            id: svc.next_flow_id(),
+            id: ctx.next_flow_id(),
             client: peer,
             listen,
             started: Instant::now(),
@@ -175,11 +200,12 @@ pub(crate) async fn accept_loop(svc: Arc<Service>, listener: TcpListener) {
             bytes_to_client: AtomicU64::new(0),
             abort: OnceLock::new(),
         });
-        svc.metrics.tcp_flows.add(1);
-        svc.metrics.tcp_flows_total.inc();
-        svc.register_tcp(flow.clone());
+        ctx.metrics.tcp_flows.add(1);
+        ctx.metrics.tcp_flows_total.inc();
+        flows.insert(flow.clone());
         let guard = FlowGuard {
-            svc: svc.clone(),
+            ctx: ctx.clone(),
+            flows: flows.clone(),
             flow: flow.clone(),
         };
         let task = tokio::spawn(run_flow(guard, client));
@@ -190,7 +216,8 @@ pub(crate) async fn accept_loop(svc: Arc<Service>, listener: TcpListener) {
 
 /// Unregisters the flow when its task ends, however it ends.
 struct FlowGuard {
-    svc: Arc<Service>,
+    ctx: Arc<FlowCtx>,
+    flows: Arc<TcpFlows>,
     flow: Arc<TcpFlow>,
 }
 
@@ -198,8 +225,8 @@ impl Drop for FlowGuard {
     fn drop(&mut self) {
         self.flow.stage.store(STAGE_CLOSED, Ordering::SeqCst);
         self.flow.c2s_idle.store(true, Ordering::SeqCst);
-        self.svc.unregister_tcp(self.flow.id);
-        self.svc.metrics.tcp_flows.add(-1);
+        self.flows.remove(self.flow.id);
+        self.ctx.metrics.tcp_flows.add(-1);
     }
 }
 
@@ -214,10 +241,10 @@ async fn gate_open(gate: &mut watch::Receiver<bool>) -> Result<(), watch::error:
 }
 
 async fn run_flow(guard: FlowGuard, client: TcpStream) {
-    let svc = &guard.svc;
+    let ctx = &guard.ctx;
     let flow = &guard.flow;
     let _ = client.set_nodelay(true);
-    let mut gate = svc.gate.subscribe();
+    let mut gate = ctx.watch_gate();
 
     // Connect upstream only while the gate is open: announce the attempt first, then check the
     // gate (the coordinator closes the gate first, then looks at the stage), so that a pause
@@ -225,20 +252,20 @@ async fn run_flow(guard: FlowGuard, client: TcpStream) {
     let backend = loop {
         flow.stage.store(STAGE_CONNECTING, Ordering::SeqCst);
         if *gate.borrow_and_update() {
-            break svc.backend();
+            break ctx.backend();
         }
         flow.stage.store(STAGE_WAITING, Ordering::SeqCst);
-        svc.parked.notify_one();
+        ctx.notify_parked();
         if gate_open(&mut gate).await.is_err() {
             return;
         }
     };
     let _ = flow.backend.set(backend);
-    let upstream = match connect(backend, svc.limits.connect_timeout()).await {
+    let upstream = match connect(backend, ctx.limits.connect_timeout()).await {
         Ok(u) => u,
         Err(e) => {
-            tracing::warn!(service = %svc.name, client = %flow.client, %backend, "upstream connect: {e}");
-            svc.metrics.drop_one(DropReason::TcpUpstreamConnect);
+            tracing::warn!(service = %ctx.name, client = %flow.client, %backend, "upstream connect: {e}");
+            ctx.metrics.drop_one(DropReason::TcpUpstreamConnect);
             reset(&client);
             return;
         }
@@ -252,26 +279,26 @@ async fn run_flow(guard: FlowGuard, client: TcpStream) {
         return;
     };
 
-    let size = svc.limits.tcp_buffer_bytes;
-    let global = &svc.global;
+    let size = ctx.limits.tcp_buffer_bytes;
+    let global = &ctx.global;
     let c2s = async {
         let mut buf = LazyBuf::new(size, global);
-        let r = pump_c2s(&client, upstream, &mut buf, &mut gate, flow, svc).await;
+        let r = pump_c2s(&client, upstream, &mut buf, &mut gate, flow, ctx).await;
         drop(buf);
         flow.c2s_idle.store(true, Ordering::SeqCst);
-        svc.parked.notify_one();
+        ctx.notify_parked();
         r
     };
     let s2c = async {
         let mut buf = LazyBuf::new(size, global);
         pump(upstream, &client, &mut buf, |n| {
             flow.bytes_to_client.fetch_add(n, Ordering::Relaxed);
-            svc.metrics.tcp_bytes_to_client.add(n);
+            ctx.metrics.tcp_bytes_to_client.add(n);
         })
         .await
     };
     if let Err(e) = tokio::try_join!(c2s, s2c) {
-        tracing::debug!(service = %svc.name, client = %flow.client, "flow {} reset: {e}", flow.id);
+        tracing::debug!(service = %ctx.name, client = %flow.client, "flow {} reset: {e}", flow.id);
         reset(&client);
         reset(upstream);
     }
@@ -374,7 +401,7 @@ async fn pump_c2s(
     buf: &mut LazyBuf<'_>,
     gate: &mut watch::Receiver<bool>,
     flow: &TcpFlow,
-    svc: &Service,
+    ctx: &FlowCtx,
 ) -> io::Result<()> {
     loop {
         // Here the buffer holds nothing. Announce that we may read, then check the gate (the
@@ -382,7 +409,7 @@ async fn pump_c2s(
         flow.c2s_idle.store(false, Ordering::SeqCst);
         if !*gate.borrow_and_update() {
             flow.c2s_idle.store(true, Ordering::SeqCst);
-            svc.parked.notify_one();
+            ctx.notify_parked();
             if gate_open(gate).await.is_err() {
                 // Proxy shutting down: stop quietly.
                 return std::future::pending().await;
@@ -404,6 +431,6 @@ async fn pump_c2s(
         }
         write_all(upstream, &buf.buf[..n]).await?;
         flow.bytes_to_service.fetch_add(n as u64, Ordering::Relaxed);
-        svc.metrics.tcp_bytes_to_service.add(n as u64);
+        ctx.metrics.tcp_bytes_to_service.add(n as u64);
     }
 }
