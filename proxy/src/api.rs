@@ -1,10 +1,45 @@
 //! What the proxy answers to control commands: the `result` objects of the control protocol
-//! (JSON), and the errors of commands.
+//! (JSON), and the errors of commands; and, inside the crate, the commands themselves as the
+//! interface the control server serves.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use crate::state::{Phase, StateError};
+
+/// The control commands, as the control server (`control::serve`) serves them. The running
+/// proxy's `ProxyHandle` implements them; the control server knows only this interface, not
+/// the proxy.
+pub(crate) trait Commands {
+    /// Every service's state and counters.
+    fn status(&self) -> Status;
+
+    /// The flows of `service`.
+    fn flows(&self, service: &str) -> impl Future<Output = Result<FlowList, CommandError>> + Send;
+
+    /// Pauses `service`, waiting at most `timeout` (default: its configured pause timeout)
+    /// for its flows to quiesce.
+    fn pause(
+        &self,
+        service: &str,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<PauseReport, CommandError>> + Send;
+
+    /// Sends new connections and UDP flows of `service` to `backend`.
+    fn redirect(
+        &self,
+        service: &str,
+        backend: SocketAddr,
+    ) -> impl Future<Output = Result<RedirectReport, CommandError>> + Send;
+
+    /// Releases everything held for `service`.
+    fn resume(
+        &self,
+        service: &str,
+    ) -> impl Future<Output = Result<ResumeReport, CommandError>> + Send;
+}
 
 /// Answer to `status`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

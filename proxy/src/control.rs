@@ -32,11 +32,12 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::api::Commands;
 pub use crate::api::{
     CommandError, ErrorKind, FlowList, PauseReport, RedirectReport, ResumeReport, Status,
     UnquiescedFlow,
 };
-use crate::server::ProxyHandle;
+use crate::metrics::GlobalMetrics;
 
 /// Where `tether proxy` creates its control socket unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/tether/proxy.sock";
@@ -250,8 +251,12 @@ pub(crate) async fn bind(path: &Path) -> Result<UnixListener, String> {
     Ok(l)
 }
 
-/// Serves control connections on `listener` until the task is aborted.
-pub(crate) async fn serve(listener: UnixListener, handle: ProxyHandle) {
+/// Serves control connections on `listener` until the task is aborted: runs their commands on
+/// `commands` and counts requests, errors and refused peers in `global`.
+pub(crate) async fn serve<C>(listener: UnixListener, commands: C, global: Arc<GlobalMetrics>)
+where
+    C: Commands + Clone + Send + Sync + 'static,
+{
     let own = nix::unistd::geteuid().as_raw();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -263,7 +268,8 @@ pub(crate) async fn serve(listener: UnixListener, handle: ProxyHandle) {
                 continue;
             }
         };
-        let handle = handle.clone();
+        let commands = commands.clone();
+        let global = global.clone();
         let permit = slots.clone().try_acquire_owned();
         tokio::spawn(async move {
             let Ok(_permit) = permit else {
@@ -274,7 +280,7 @@ pub(crate) async fn serve(listener: UnixListener, handle: ProxyHandle) {
                 let _ = write_reply(&mut { stream }, &r).await;
                 return;
             };
-            connection(stream, handle, own).await;
+            connection(stream, &commands, &global, own).await;
         });
     }
 }
@@ -287,8 +293,12 @@ async fn write_reply<W: AsyncWriteExt + Unpin>(w: &mut W, r: &Reply) -> std::io:
     w.write_all(&line).await
 }
 
-async fn connection(mut stream: UnixStream, handle: ProxyHandle, own: u32) {
-    let global = handle.inner.global.clone();
+async fn connection(
+    mut stream: UnixStream,
+    commands: &impl Commands,
+    global: &GlobalMetrics,
+    own: u32,
+) {
     match stream.peer_cred() {
         Ok(c) if peer_allowed(c.uid(), own) => {}
         other => {
@@ -331,7 +341,7 @@ async fn connection(mut stream: UnixStream, handle: ProxyHandle, own: u32) {
         global.control_requests_total.inc();
         let reply = match parse_request(&line) {
             Err(msg) => Reply::err(ErrorKind::BadRequest, msg),
-            Ok(req) => execute(&handle, req).await,
+            Ok(req) => execute(commands, req).await,
         };
         if !reply.ok {
             global.control_errors_total.inc();
@@ -342,7 +352,7 @@ async fn connection(mut stream: UnixStream, handle: ProxyHandle, own: u32) {
     }
 }
 
-async fn execute(h: &ProxyHandle, req: Request) -> Reply {
+async fn execute(h: &impl Commands, req: Request) -> Reply {
     let r = match req {
         Request::Status => Ok(Reply::ok(h.status())),
         Request::Flows { service } => h.flows(&service).await.map(Reply::ok),

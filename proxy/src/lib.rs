@@ -9,9 +9,17 @@
 //! - [`Proxy`] / [`ProxyHandle`]: the running proxy (TCP relay with an own copy loop, UDP relay
 //!   with a flow table) and its operations in-process.
 //! - [`control`]: the control API on a Unix socket (newline-delimited JSON) and its
-//!   [`Client`](control::Client), which the migrator uses.
+//!   [`Client`](control::Client), which the migrator uses. Its server serves the control
+//!   commands through an interface defined in `api`, which [`ProxyHandle`] implements.
 //! - [`api`]: the results and errors of control commands.
 //! - [`metrics`]: counters and the Prometheus text endpoint.
+//!
+//! Inside, each module uses only modules listed before it: `state`, `metrics`, `sys` (the only
+//! `unsafe`), `util`; `hold`; `config`; `api`; `control`; `flowctx` (what a service shares with
+//! its TCP flows: limits, counters, the gate on client data, the backend for new flows); `tcp`
+//! (the TCP data path and the table of a service's open flows); `udp` (one actor per listen
+//! address); `service` (one service: its state and the pause, redirect and resume sequences);
+//! `server` ([`Proxy`], [`ProxyHandle`]).
 //!
 //! A migration drives it like this:
 //!

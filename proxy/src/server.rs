@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::api::{CommandError, FlowList, PauseReport, RedirectReport, ResumeReport, Status};
+use crate::api::{
+    CommandError, Commands, FlowList, PauseReport, RedirectReport, ResumeReport, Status,
+};
 use crate::config::Config;
 use crate::metrics::{self, GlobalMetrics, ServiceMetrics};
 use crate::service::Service;
@@ -58,10 +60,10 @@ pub enum ProxyError {
 }
 
 #[derive(Debug)]
-pub(crate) struct Inner {
-    pub services: Vec<Arc<Service>>,
+struct Inner {
+    services: Vec<Arc<Service>>,
     by_name: HashMap<String, usize>,
-    pub global: Arc<GlobalMetrics>,
+    global: Arc<GlobalMetrics>,
     started: Instant,
 }
 
@@ -177,6 +179,7 @@ impl Proxy {
                     ProxyHandle {
                         inner: inner.clone(),
                     },
+                    inner.global.clone(),
                 ));
                 Some(path.clone())
             }
@@ -267,7 +270,7 @@ impl Drop for Proxy {
 /// The control operations of a running proxy, in-process (the control socket uses these).
 #[derive(Debug, Clone)]
 pub struct ProxyHandle {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
 impl ProxyHandle {
@@ -341,5 +344,37 @@ impl ProxyHandle {
             .map(|s| (s.name(), &**s.metrics()))
             .collect();
         metrics::render(&self.inner.global, &list)
+    }
+}
+
+/// What the control server serves: the methods of the same names above (a type's own methods
+/// take precedence over a trait's in `ProxyHandle::name` paths).
+impl Commands for ProxyHandle {
+    fn status(&self) -> Status {
+        ProxyHandle::status(self)
+    }
+
+    async fn flows(&self, service: &str) -> Result<FlowList, CommandError> {
+        ProxyHandle::flows(self, service).await
+    }
+
+    async fn pause(
+        &self,
+        service: &str,
+        timeout: Option<Duration>,
+    ) -> Result<PauseReport, CommandError> {
+        ProxyHandle::pause(self, service, timeout).await
+    }
+
+    async fn redirect(
+        &self,
+        service: &str,
+        backend: SocketAddr,
+    ) -> Result<RedirectReport, CommandError> {
+        ProxyHandle::redirect(self, service, backend).await
+    }
+
+    async fn resume(&self, service: &str) -> Result<ResumeReport, CommandError> {
+        ProxyHandle::resume(self, service).await
     }
 }
