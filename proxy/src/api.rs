@@ -70,6 +70,10 @@ pub struct ServiceStatus {
     /// Time left until the pause in force ends by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_left_ms: Option<u64>,
+    /// How long a pause of this service lasts at most before it ends by itself (its configured
+    /// `max_hold_ms`). 0 when the status comes from a proxy that does not report it.
+    #[serde(default)]
+    pub max_hold_ms: u64,
     /// TCP listen addresses (as bound).
     pub tcp_listen: Vec<SocketAddr>,
     /// UDP listen addresses (as bound).
@@ -292,5 +296,50 @@ impl CommandError {
             CommandError::Cancelled(_) => ErrorKind::Cancelled,
             CommandError::Internal(_) => ErrorKind::Internal,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service_status() -> ServiceStatus {
+        ServiceStatus {
+            name: "kv".into(),
+            phase: Phase::Active,
+            backend: "10.0.0.1:7000".parse().expect("addr"),
+            backend_before_pause: None,
+            paused_for_ms: None,
+            hold_left_ms: None,
+            max_hold_ms: 5000,
+            tcp_listen: vec!["0.0.0.0:7000".parse().expect("addr")],
+            udp_listen: Vec::new(),
+            tcp_flows: 1,
+            udp_flows: 0,
+            held_datagrams: 0,
+            held_bytes: 0,
+            drops: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn service_status_carries_the_maximum_hold() {
+        let s = service_status();
+        let v = serde_json::to_value(&s).expect("json");
+        assert_eq!(v["max_hold_ms"], 5000);
+        let back: ServiceStatus = serde_json::from_value(v).expect("parse");
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn service_status_without_the_maximum_hold_parses_as_zero() {
+        let mut v = serde_json::to_value(service_status()).expect("json");
+        v.as_object_mut()
+            .expect("object")
+            .remove("max_hold_ms")
+            .expect("field");
+        let old: ServiceStatus = serde_json::from_value(v).expect("older status parses");
+        assert_eq!(old.max_hold_ms, 0);
+        assert_eq!(old.name, "kv");
     }
 }

@@ -378,6 +378,7 @@ impl Service {
             hold_left_ms: s
                 .hold_deadline()
                 .map(|d| millis(d.saturating_duration_since(now))),
+            max_hold_ms: self.limits().max_hold_ms,
             tcp_listen: self.tcp_listen.clone(),
             udp_listen: self.udp_listen.clone(),
             tcp_flows: u64::try_from(self.ctx.metrics.tcp_flows.get()).unwrap_or(0),

@@ -129,6 +129,10 @@ async fn malformed_unknown_and_misplaced_commands_get_clear_errors_and_change_no
     let st = c.status().await.expect("status");
     assert_eq!(st.services[0].phase, Phase::Paused);
     assert_eq!(st.services[0].backend, echo.addr);
+    assert_eq!(
+        st.services[0].max_hold_ms,
+        tether_proxy::Limits::default().max_hold_ms
+    );
     c.redirect("s", other).await.expect("redirect while paused");
     c.redirect("s", echo.addr).await.expect("and back");
     let r = c.resume("s").await.expect("resume");

@@ -323,6 +323,8 @@ async fn a_pause_never_resumed_ends_by_itself_toward_the_old_backend() {
     let st = client.status().await.expect("status");
     assert_eq!(st.services[0].phase, Phase::Active);
     assert_eq!(st.services[0].backend, a.addr, "the redirect was abandoned");
+    assert_eq!(st.services[0].backend_before_pause, None);
+    assert_eq!(st.services[0].max_hold_ms, 300);
     assert_eq!(recv_exact(&mut a1_got, 4).await, b"held");
     let mut c2 = connect(p.tcp("s")).await;
     c2.write_all(b"y").await.expect("write");

@@ -23,7 +23,8 @@ pub struct ProxyctlArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum ProxyctlCommand {
-    /// Every service's phase, backend, flow counts, held data and drops.
+    /// Every service's phase, backend, maximum hold (`max_hold_ms`: how long a pause lasts
+    /// unless resumed), flow counts, held data and drops.
     Status,
     /// The flows of a service, with byte counters and upstream queue state.
     Flows {
