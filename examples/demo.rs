@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         dirty_pages_per_sec: args.dirty_pages_per_sec,
         proxy: true,
         full_restore_on: Vec::new(),
+        proxy_max_hold_ms: None,
     };
     println!(
         "tether demo: service with {} MiB state rewriting {} pages/s, {} TCP + {} QUIC clients through tether-proxy and as many direct, src-dst link {}",

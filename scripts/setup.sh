@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent machine setup for tether: makes sure a working CRIU (>= 4.2, `criu check` passes),
-# nftables and iproute2 are present. Run as root. Safe to run again: a machine that already has
-# everything costs one `criu check`.
+# libnftables1 (loaded by tether at run time), nftables and iproute2 are present. Run as root.
+# Safe to run again: a machine that already has everything costs one `criu check`.
 #
 # When no working CRIU is found, it is built from Debian's source package of the newest suite that
 # carries one (sid first). The sid source list lives in a temporary directory handed to apt-get with
@@ -56,7 +56,7 @@ working_criu() {
 }
 
 # Runtime tools tether and its tests need.
-apt_install nftables iproute2 util-linux procps ca-certificates
+apt_install nftables libnftables1 iproute2 util-linux procps ca-certificates
 
 if c=$(working_criu) && [ -n "$c" ]; then
     log "CRIU ok: $c ($("$c" --version | head -1))"

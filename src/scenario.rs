@@ -80,6 +80,8 @@ pub struct ScenarioConfig {
     /// Hosts whose agent restores fully (`--lazy-restore never`); the others restore lazily
     /// where they can (`auto`). `[Src]` makes a round trip run both restore paths.
     pub full_restore_on: Vec<Host>,
+    /// The proxy's maximum hold, ms (its default, 5000, if `None`).
+    pub proxy_max_hold_ms: Option<u64>,
 }
 
 impl Default for ScenarioConfig {
@@ -90,6 +92,7 @@ impl Default for ScenarioConfig {
             dirty_pages_per_sec: 100,
             proxy: false,
             full_restore_on: Vec::new(),
+            proxy_max_hold_ms: None,
         }
     }
 }
@@ -183,11 +186,14 @@ impl Scenario {
         if cfg.proxy {
             let log = s.topo.work_dir().join("proxy.log");
             let front = s.proxy_addr().to_string();
+            let hold = cfg.proxy_max_hold_ms.unwrap_or(5000).to_string();
             let proc = s.topo.spawn(
                 Host::Proxy,
                 &s.bins.tether,
                 [
                     "proxy",
+                    "--max-hold-ms",
+                    &hold,
                     "--name",
                     PROXY_SERVICE,
                     "--tcp-listen",
@@ -273,6 +279,12 @@ impl Scenario {
 
     /// Starts (or restarts) the agent on `host` and waits until it listens.
     pub fn start_agent(&mut self, host: Host) -> anyhow::Result<()> {
+        self.start_agent_env(host, &[])
+    }
+
+    /// Like [`start_agent`](Self::start_agent), with environment variables (e.g. a
+    /// `TETHER_TEST_HOLD`).
+    pub fn start_agent_env(&mut self, host: Host, env: &[(&str, &str)]) -> anyhow::Result<()> {
         self.agents.retain(|(h, _)| *h != host);
         let log = self.agent_log(host);
         let before = std::fs::read_to_string(&log).map(|s| s.len()).unwrap_or(0);
@@ -285,7 +297,7 @@ impl Scenario {
         } else {
             "auto"
         };
-        let proc = self.topo.spawn(
+        let proc = self.topo.spawn_env(
             host,
             &self.bins.tether,
             [
@@ -303,6 +315,7 @@ impl Scenario {
                 "--metrics",
                 &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
             ],
+            env,
             Some(&log),
         )?;
         self.agents.push((host, proc));
@@ -440,6 +453,27 @@ impl Scenario {
             &certs.display().to_string(),
             "--service-addr",
             self.topo.service_cidr(),
+            "--state-dir",
+            &self.migrate_state_dir(self.location).display().to_string(),
+        ]);
+        cmd
+    }
+
+    /// The journal directory of `tether migrate` on `host`.
+    pub fn migrate_state_dir(&self, host: Host) -> PathBuf {
+        self.topo
+            .work_dir()
+            .join(format!("migrate-state-{}", host.name()))
+    }
+
+    /// `tether migrate --recover` on `host`, as an operator runs it after a failure.
+    pub fn recover_command(&self, host: Host) -> std::process::Command {
+        let mut cmd = self.topo.command(host, &self.bins.tether);
+        cmd.args([
+            "migrate",
+            "--recover",
+            "--state-dir",
+            &self.migrate_state_dir(host).display().to_string(),
         ]);
         cmd
     }
@@ -497,9 +531,76 @@ impl Scenario {
         run.report.context("no report")
     }
 
+    /// Takes note that the service now runs on `host` as `pid` (after a migration that a test
+    /// finished another way than [`migrate_with`](Self::migrate_with), e.g. `--recover`).
+    pub fn adopt(&mut self, host: Host, pid: u32) {
+        self.location = host;
+        self.pid = pid;
+    }
+
     /// Whether the service's current process is alive.
     pub fn service_alive(&self) -> bool {
         Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+
+    /// Every copy of the service on the scenario's hosts (processes running the service's
+    /// binary in the network namespace of `src` or `dst`, any state): (host, pid, state letter
+    /// from /proc/PID/stat, e.g. `S` running or sleeping, `T` stopped).
+    pub fn service_copies(&self) -> Vec<(Host, u32, char)> {
+        let ns = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let hosts: Vec<(Host, u64)> = [Host::Src, Host::Dst]
+            .into_iter()
+            .filter_map(|h| Some((h, ns(&self.topo.netns_path(h)).ok()?)))
+            .collect();
+        let exe = std::fs::canonicalize(&self.bins.service).unwrap_or(self.bins.service.clone());
+        let mut v = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return v;
+        };
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .as_deref()
+                != Some(&exe)
+            {
+                continue;
+            }
+            let Ok(n) = ns(Path::new(&format!("/proc/{pid}/ns/net"))) else {
+                continue;
+            };
+            let Some((host, _)) = hosts.iter().find(|(_, i)| *i == n) else {
+                continue;
+            };
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()))
+                .unwrap_or('?');
+            if state != 'Z' {
+                v.push((*host, pid, state));
+            }
+        }
+        v
+    }
+
+    /// Drops (or lets through again) every packet between `src` and `dst` on their migration
+    /// link, in `src`'s namespace: a link that is cut while both hosts run.
+    pub fn blackhole_migration_link(&self, on: bool) -> anyhow::Result<()> {
+        let peer = self.topo.migration_addr(Host::Dst);
+        let rules = if on {
+            format!(
+                "table inet tether-test-blackhole {{\n  chain out {{\n    type filter hook output priority -400; policy accept;\n    ip daddr {peer} drop\n  }}\n  chain in {{\n    type filter hook input priority -400; policy accept;\n    ip saddr {peer} drop\n  }}\n}}\n"
+            )
+        } else {
+            "add table inet tether-test-blackhole\ndelete table inet tether-test-blackhole\n".into()
+        };
+        let path = self.topo.work_dir().join("blackhole.nft");
+        std::fs::write(&path, rules)?;
+        self.topo
+            .run(Host::Src, &["nft", "-f", &path.display().to_string()])
+            .map(drop)
     }
 
     /// IPv4 addresses on a host's `eth0`.

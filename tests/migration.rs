@@ -113,6 +113,7 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
         dirty_pages_per_sec: 100,
         proxy: false,
         full_restore_on: Vec::new(),
+        proxy_max_hold_ms: None,
     });
     let pid = s.pid();
     s.verify_state().expect("state verifies");
@@ -138,7 +139,9 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
     // Run the migration on a thread; kill the agent once the transfer is under way.
     let handle = {
         let mut cmd = s.migrate_command(Host::Dst, &s.certs(Host::Src));
-        cmd.arg("--stop-and-copy");
+        // A frozen deadline well beyond the transfer: the rollback must come from the agent's
+        // death, not from the deadline.
+        cmd.args(["--stop-and-copy", "--max-frozen", "30s"]);
         std::thread::spawn(move || cmd.output().expect("run migrate"))
     };
     assert!(
@@ -154,6 +157,10 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
     assert!(
         stderr.contains("still running on the source"),
         "the message says where the service is: {stderr}"
+    );
+    assert!(
+        !stderr.contains("--max-frozen"),
+        "the rollback came from the agent's death: {stderr}"
     );
     assert_eq!(s.pid(), pid);
     assert!(s.service_alive(), "the service runs on");

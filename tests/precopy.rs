@@ -34,6 +34,7 @@ fn precopy_of_128_mib_writing_2000_pages_per_second_over_1_gbit() {
         dirty_pages_per_sec: 2000,
         proxy: false,
         full_restore_on: Vec::new(),
+        proxy_max_hold_ms: None,
     });
     let clients = s
         .start_clients(8, 2, Duration::from_secs(8), None)
@@ -42,11 +43,7 @@ fn precopy_of_128_mib_writing_2000_pages_per_second_over_1_gbit() {
     let r = s.migrate(Host::Dst).expect("pre-copy migration");
     s.verify_state().expect("state verifies after the move");
     let c = clients.finish().expect("client report");
-    let fin = r
-        .precopy
-        .final_difference
-        .clone()
-        .expect("final difference");
+    let fin = r.precopy.final_difference.expect("final difference");
     let state_pages = 128 * 256;
     println!(
         "rounds: {}; stop: {:?}; final difference {} of {} dumped pages; downtime {:.1} ms; \
@@ -85,6 +82,7 @@ fn a_dirtier_faster_than_the_link_hits_max_rounds_and_auto_converge_converges_ea
         dirty_pages_per_sec: 50_000,
         proxy: false,
         full_restore_on: Vec::new(),
+        proxy_max_hold_ms: None,
     });
     let clients = s
         .start_clients(2, 1, Duration::from_secs(30), None)
@@ -187,6 +185,7 @@ fn cancelling_during_precopy_leaves_the_service_untouched() {
         dirty_pages_per_sec: 100,
         proxy: false,
         full_restore_on: Vec::new(),
+        proxy_max_hold_ms: None,
     });
     let pid = s.pid();
     let clients = s
@@ -230,9 +229,9 @@ fn cancelling_during_precopy_leaves_the_service_untouched() {
 /// A source that speaks the protocol by hand, to send what a correct source never sends.
 mod hostile {
     use super::*;
+    use tether_migrator::protocol::{FromAgent, MigrationId, PageBatch, ToAgent, PAGE, PROTOCOL};
     use tether_migrator::tls::Identity;
     use tether_migrator::transport::{self, FrameReceiver, FrameSender};
-    use tether_migrator::wire::{self, FromAgent, MigrationId, PageBatch, ToAgent};
 
     pub async fn open(
         certs: &std::path::Path,
@@ -245,7 +244,7 @@ mod hostile {
         let (s, r) = conn.open_bi().await.expect("stream");
         let (mut tx, mut rx) = (FrameSender(s), FrameReceiver(r));
         tx.send(&ToAgent::Hello {
-            protocol: wire::PROTOCOL,
+            protocol: PROTOCOL,
             migration_id: MigrationId::random(),
             service_addr: "10.77.0.100/24".parse().expect("addr"),
         })
@@ -264,7 +263,7 @@ mod hostile {
             .await
             .expect("an answer")
         {
-            FromAgent::Failed { phase, reason } => format!("{phase}: {reason}"),
+            FromAgent::Failed { phase, reason, .. } => format!("{phase}: {reason}"),
             other => panic!("expected a failure, got {other:?}"),
         }
     }
@@ -284,7 +283,7 @@ mod hostile {
     }
 
     pub fn page(owner: u64, addr: u64) -> Vec<u8> {
-        let data = vec![0xabu8; wire::PAGE];
+        let data = vec![0xabu8; PAGE];
         PageBatch::encode(owner, &[(addr, Some(&data))])
     }
 
@@ -316,7 +315,7 @@ mod hostile {
 
 #[test]
 fn the_agent_rejects_pages_it_was_not_told_about_and_an_incomplete_final_difference() {
-    use tether_migrator::wire::ToAgent;
+    use tether_migrator::protocol::ToAgent;
     let mut s = scenario(&ScenarioConfig::default());
     let certs = s.certs(Host::Src);
     let agent = s.agent_addr(Host::Dst);

@@ -1,28 +1,41 @@
 //! tether-migrator: live migration of a running process tree between hosts with CRIU.
 //!
-//! - [`criu`]: CRIU driven through its RPC (`criu swrk`), holding a dump at post-dump.
-//! - [`hostnet`]: the service address, destination-side blocking and lock tables on a host.
-//! - [`tls`]: the development CA, host certificates and mutual-TLS configurations.
-//! - [`wire`]: the migration protocol between source and destination (pure, bounded).
-//! - [`transport`]: QUIC endpoints and the framed stream.
-//! - [`agent`]: the destination side.
-//! - [`migrate`]: the source side; the whole migration sequence, in one place.
-//! - [`report`]: the machine-readable report of a migration.
+//! Layers, each depending only on those above it in this list:
+//!
+//! - [`protocol`]: the words of the migration protocol (messages, frames, ids, error codes,
+//!   statistics). Pure, a leaf.
+//! - [`report`], [`policy`], [`model`]: the JSON report, the pre-copy convergence policy and the
+//!   migration model. Pure.
+//! - [`machine`]: the protocol's two sides as state machines without I/O
+//!   ([`machine::source`], [`machine::agent`]), and the commit protocol's invariants.
+//! - [`ports`]: the traits the drivers carry the machines' actions out through (checkpoint,
+//!   host network, proxy, journal), and their fakes.
+//! - The real adapters and tools: [`criu`] (CRIU over its RPC; [`criu::tree`] is the
+//!   checkpointer of a process tree), [`hostnet`] (the service address, blocks, ARP),
+//!   [`gate`] (tether-proxy), [`journal`] (records on disk), [`procmem`], [`pagestore`],
+//!   [`precopy`], [`throttle`], [`tls`], [`transport`], [`dirs`].
+//! - [`driver`]: the async drivers that run the machines against those: `tether migrate` and
+//!   `tether agent`.
+//! - [`metrics`], [`progress`]: the agent's Prometheus metrics, progress lines.
 
-pub mod agent;
 pub mod criu;
+pub mod dirs;
+pub mod driver;
+pub mod gate;
 pub mod hostnet;
+pub mod journal;
+pub mod machine;
 pub mod metrics;
-pub mod migrate;
 pub mod model;
 pub mod pagestore;
 pub mod policy;
+pub mod ports;
 pub mod precopy;
 pub mod procmem;
 pub mod progress;
+pub mod protocol;
 pub mod report;
 mod sys;
 pub mod throttle;
 pub mod tls;
 pub mod transport;
-pub mod wire;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use crate::wire::{PageBatch, PAGE};
+use crate::protocol::{PageBatch, PAGE};
 
 /// Errors applying pages.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -9,14 +9,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::criu::pages::{self, MemoryImages, Owner};
 use crate::pagestore::merge_ranges;
 use crate::procmem::{self, ProcId, Scanner, VmaClass};
-use crate::transport::{FrameReceiver, FrameSender, TransportError};
-use crate::wire::{self, FromAgent, PageBatch, ToAgent};
+use crate::protocol::frame;
+use crate::protocol::stats::{FinalReport, ImagesSent, RoundScan};
+use crate::protocol::{PageBatch, ToAgent};
+use crate::transport::{FrameSender, TransportError};
 
 /// Encoded frames in flight between the scanner and the sender.
 const CHANNEL_FRAMES: usize = 16;
@@ -46,35 +47,6 @@ impl Tracker {
     }
 }
 
-/// Figures of one pre-copy round.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RoundReport {
-    /// Round number, from 0.
-    pub round: u32,
-    /// Pages read from the tree.
-    pub pages_scanned: u64,
-    /// Pages whose content differed from the destination's copy (the dirty pages).
-    pub pages_dirty: u64,
-    /// Pages sent (= dirty).
-    pub pages_sent: u64,
-    /// Of those, all-zero pages (header only).
-    pub pages_zero: u64,
-    /// Bytes on the wire.
-    pub bytes: u64,
-    /// Time to scan the tree.
-    pub scan_ms: f64,
-    /// Round duration until the destination acknowledged it.
-    pub duration_ms: f64,
-    /// Measured delivered bandwidth, bytes/s.
-    pub bandwidth: f64,
-    /// Dirty pages per second since the previous round started.
-    pub dirty_rate: f64,
-    /// Downtime the policy predicted if the next step were the final one, ms.
-    pub predicted_downtime_ms: Option<f64>,
-    /// CPU throttle applied during the round, percent.
-    pub throttle: Option<u8>,
-}
-
 /// Errors of a transfer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -88,9 +60,15 @@ pub enum TransferError {
     /// The connection.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The agent answered something else.
-    #[error("the agent answered {0}")]
-    Agent(String),
+    /// Reading an image file.
+    #[error("reading image file {name}: {source}")]
+    File {
+        /// The file.
+        name: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The scanning thread failed.
     #[error("scanner thread: {0}")]
     Thread(String),
@@ -169,7 +147,7 @@ impl Batcher {
     fn control(&mut self, msg: &ToAgent) -> Result<(), TransferError> {
         self.flush()?;
         self.out
-            .blocking_send(wire::encode(msg))
+            .blocking_send(frame::encode(msg))
             .map_err(|_| TransferError::Thread("the sender is gone".into()))
     }
 }
@@ -195,17 +173,14 @@ async fn pump(
     Ok(bytes)
 }
 
-/// Runs one pre-copy round: announces each process's layout, sends every page whose content the
-/// destination does not have, and waits for the destination's acknowledgement.
-pub async fn round(
+/// Sends one pre-copy round: announces each process's layout and sends every page whose
+/// content the destination does not have. `RoundEnd` is the caller's (the source machine's).
+pub async fn send_round(
     root: i32,
-    round: u32,
     tracker: Tracker,
     tx: &mut FrameSender,
-    rx: &mut FrameReceiver,
     limit: Option<RateLimit>,
-) -> Result<(Tracker, RoundReport), TransferError> {
-    let start = Instant::now();
+) -> Result<(Tracker, RoundScan), TransferError> {
     let (ftx, frx) = mpsc::channel(CHANNEL_FRAMES);
     let scan = tokio::task::spawn_blocking(move || scan_round(root, tracker, ftx));
     let bytes = pump(frx, tx, limit).await;
@@ -213,32 +188,14 @@ pub async fn round(
         .await
         .map_err(|e| TransferError::Thread(e.to_string()))??;
     let bytes = bytes?;
-    tx.send(&ToAgent::RoundEnd { round }).await?;
-    match rx
-        .message_within(Duration::from_secs(120), "the round acknowledgement")
-        .await?
-    {
-        FromAgent::RoundAck { round: r, .. } if r == round => {}
-        other => {
-            return Err(TransferError::Agent(format!(
-                "{other:?} instead of the round ack"
-            )))
-        }
-    }
-    let duration = start.elapsed();
     Ok((
         tracker,
-        RoundReport {
-            round,
+        RoundScan {
             pages_scanned: stats.pages_present,
-            pages_dirty: sent,
             pages_sent: sent,
             pages_zero: zero,
             bytes,
             scan_ms: stats.elapsed.as_secs_f64() * 1e3,
-            duration_ms: duration.as_secs_f64() * 1e3,
-            bandwidth: bytes as f64 / duration.as_secs_f64().max(1e-6),
-            ..Default::default()
         },
     ))
 }
@@ -306,17 +263,50 @@ fn scan_round(
     Ok((tracker, total, b.sent, b.zero))
 }
 
-/// Figures of the final difference.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct FinalReport {
-    /// Pages in the dump.
-    pub pages_dumped: u64,
-    /// Pages sent (not already held by the destination with the same content).
-    pub pages_sent: u64,
-    /// Of those, all-zero pages.
-    pub pages_zero: u64,
-    /// Bytes of page batches.
-    pub bytes: u64,
+/// Sends what the destination needs of a dump while the tree is frozen: every image file but
+/// the page data and CRIU's log, `FinalPages`, then the final difference (see
+/// [`final_difference`]). `ImagesDone` is the caller's (the source machine's).
+pub async fn send_images(
+    images: &Path,
+    tracker: Tracker,
+    tx: &mut FrameSender,
+) -> Result<ImagesSent, TransferError> {
+    let mut files = 0u32;
+    let mut file_bytes = 0u64;
+    let mut entries: Vec<_> = std::fs::read_dir(images)
+        .map_err(|source| TransferError::File {
+            name: images.display().to_string(),
+            source,
+        })?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Page data goes as the final difference; the log stays here.
+        if name == crate::criu::DUMP_LOG || pages::is_pages_file(&name) {
+            continue;
+        }
+        let data = std::fs::read(entry.path()).map_err(|source| TransferError::File {
+            name: name.clone(),
+            source,
+        })?;
+        tx.send(&ToAgent::File {
+            name,
+            size: data.len() as u64,
+        })
+        .await?;
+        tx.send_data(&data).await?;
+        files += 1;
+        file_bytes += data.len() as u64;
+    }
+    tx.send(&ToAgent::FinalPages).await?;
+    let pages = final_difference(images, tracker, tx).await?;
+    Ok(ImagesSent {
+        files,
+        file_bytes,
+        pages,
+    })
 }
 
 /// Sends the final difference: every page of the dump whose content the destination does not

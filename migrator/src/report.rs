@@ -1,6 +1,10 @@
-//! The machine-readable report of a migration (JSON).
+//! The machine-readable report of a migration (JSON), written by the source for every migration,
+//! successful or not, and by `tether migrate --recover` for a migration it resolved.
 
 use serde::{Deserialize, Serialize};
+
+use crate::protocol::stats::{CriuDumpStats, CriuRestoreStats, FinalReport, RoundReport};
+use crate::protocol::{ErrorCode, Phase, Side};
 
 /// How a migration ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -9,10 +13,48 @@ use serde::{Deserialize, Serialize};
 pub enum Outcome {
     /// The service runs on the destination; the source copy is gone.
     Committed,
-    /// The migration failed and was undone; the service runs on the source.
+    /// The migration failed and was undone; the service runs on the source (thawed, never
+    /// killed: its clients continue).
     RolledBack,
     /// The migration failed before anything was changed; the service runs on the source.
     NotStarted,
+    /// The source's copy was ended at the commit, but the destination failed to run its copy;
+    /// the service was restored on the source from the source's image set.
+    RestoredOnSource,
+    /// The source's copy was ended at the commit and the destination could not be reached to
+    /// learn whether its copy runs. The image set and the journal are kept; `tether migrate
+    /// --recover` resolves it once the agent is reachable.
+    InDoubt,
+    /// No copy of the service runs. The image set is kept (see the error); only a second fault
+    /// leads here.
+    Failed,
+}
+
+impl Outcome {
+    /// Whether the service runs somewhere at the end of the migration.
+    pub fn service_runs(self) -> bool {
+        matches!(
+            self,
+            Outcome::Committed
+                | Outcome::RolledBack
+                | Outcome::NotStarted
+                | Outcome::RestoredOnSource
+        )
+    }
+}
+
+/// Why a migration did not commit: which side failed, in which phase, and what kind of
+/// failure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportError {
+    /// Where it failed.
+    pub side: Side,
+    /// In which phase.
+    pub phase: Phase,
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What happened, in words.
+    pub message: String,
 }
 
 /// Phase timings in milliseconds.
@@ -24,50 +66,24 @@ pub struct Timings {
     pub freeze_ms: f64,
     /// From the dump request to complete images (includes the freeze).
     pub dump_ms: f64,
-    /// Sending the images, until the agent has them all.
+    /// Sending the images while frozen, until the agent reported the restore, less the
+    /// restore.
     pub transfer_ms: f64,
-    /// On the destination: from all images received to a running service.
+    /// On the destination: from all images received to the restored (stopped) tree.
     pub restore_ms: f64,
-    /// The service is stopped: from letting CRIU freeze the tree to running on the destination
-    /// (as seen by the source, so it includes one network delay). An upper bound: the tree
-    /// stops within CRIU's freezing time after the start.
-    pub downtime_ms: f64,
-    /// Committing (source kill, address removal) after the restore.
+    /// From the restore report to the agent's confirmation that the service runs there: ending
+    /// the source copy, the `Commit` round trip, the destination lifting its block and
+    /// resuming the tree.
     pub commit_ms: f64,
+    /// The service is stopped: from letting CRIU freeze the tree to the confirmation that it
+    /// runs on the destination (as seen by the source, so it includes one network delay). An
+    /// upper bound: the tree stops within CRIU's freezing time after the start.
+    pub downtime_ms: f64,
+    /// From the confirmation to the proxy's resume reply: the part of the clients' stall after
+    /// the downtime (0 without a proxy).
+    pub resume_ms: f64,
     /// The whole command.
     pub total_ms: f64,
-}
-
-/// CRIU's own dump statistics.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct CriuDumpStats {
-    /// Microseconds spent freezing.
-    pub freezing_time_us: u32,
-    /// Microseconds the tree was frozen during the dump.
-    pub frozen_time_us: u32,
-    /// Microseconds dumping memory.
-    pub memdump_time_us: u32,
-    /// Microseconds writing memory.
-    pub memwrite_time_us: u32,
-    /// Pages scanned.
-    pub pages_scanned: u64,
-    /// Pages written to the image.
-    pub pages_written: u64,
-}
-
-/// CRIU's own restore statistics.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct CriuRestoreStats {
-    /// Microseconds forking the tree.
-    pub forking_time_us: u32,
-    /// Microseconds restoring.
-    pub restore_time_us: u32,
-    /// Pages restored.
-    pub pages_restored: u64,
-    /// Whether anonymous memory was filled in after the restore (userfaultfd, `criu
-    /// lazy-pages` on the destination) instead of during it.
-    #[serde(default)]
-    pub lazy: bool,
 }
 
 /// Sizes of what was sent.
@@ -89,7 +105,15 @@ pub struct Report {
     /// The outcome.
     pub outcome: Outcome,
     /// Why it failed, if it did.
-    pub error: Option<String>,
+    pub error: Option<ReportError>,
+    /// What went wrong without changing the outcome (a proxy that resumed by itself, an
+    /// address that could not be removed, ...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Whether this report comes from resolving a migration an earlier `tether migrate` left
+    /// unfinished (`--recover`).
+    #[serde(default)]
+    pub recovered: bool,
     /// The source pid of the service.
     pub source_pid: i32,
     /// The destination pid of the service, when committed.
@@ -114,6 +138,30 @@ pub struct Report {
     pub proxy: Option<ProxyReport>,
 }
 
+impl Report {
+    /// An empty report of migration `id` of the service at `source_pid`.
+    pub fn new(id: &str, source_pid: i32, destination: String, service_addr: String) -> Report {
+        Report {
+            migration_id: id.to_string(),
+            outcome: Outcome::NotStarted,
+            error: None,
+            warnings: Vec::new(),
+            recovered: false,
+            source_pid,
+            destination_pid: None,
+            destination,
+            service_addr,
+            timings: Timings::default(),
+            images: ImageSizes::default(),
+            criu_dump: None,
+            criu_restore: None,
+            criu: String::new(),
+            precopy: PrecopySummary::default(),
+            proxy: None,
+        }
+    }
+}
+
 /// What the proxy did during the migration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProxyReport {
@@ -121,12 +169,11 @@ pub struct ProxyReport {
     pub quiesce_ms: f64,
     /// Time from the pause to the resume: the clients' stall, ms.
     pub held_ms: f64,
-    /// From asking the proxy to pause to CRIU's first notification with the tree frozen: the
-    /// part of the hold before the downtime starts (quiesce, redirect, the service draining
-    /// its UDP queues, the freeze itself), ms.
+    /// From asking the proxy to pause to letting CRIU freeze the tree: the part of the hold
+    /// before the downtime starts (quiesce, the service draining its UDP queues), ms.
     pub before_downtime_ms: f64,
-    /// From the destination's restore report to the proxy's resume reply: the part of the hold
-    /// after the downtime ends, ms.
+    /// From the agent's confirmation that the service runs to the proxy's resume reply: the
+    /// part of the hold after the downtime ends, ms.
     pub after_downtime_ms: f64,
     /// TCP connections held.
     pub tcp_flows: u64,
@@ -134,13 +181,17 @@ pub struct ProxyReport {
     pub udp_flows: u64,
     /// Datagrams held and released on resume.
     pub released_datagrams: u64,
+    /// The hold the proxy still allowed when the pause was confirmed, ms: the frozen phase's
+    /// deadline is kept below it.
+    #[serde(default)]
+    pub hold_left_ms: u64,
 }
 
 /// Memory transfer figures: pre-copy rounds (none for stop-and-copy) and the final difference.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PrecopySummary {
     /// Per-round figures.
-    pub rounds: Vec<crate::precopy::RoundReport>,
+    pub rounds: Vec<RoundReport>,
     /// Why pre-copy stopped.
     pub stop_reason: Option<String>,
     /// The highest auto-converge throttle applied, percent.
@@ -150,5 +201,5 @@ pub struct PrecopySummary {
     /// The frozen phase's fixed cost the policy assumed last (from the fastest scan), ms.
     pub frozen_cost_ms: Option<f64>,
     /// The final difference sent after the dump.
-    pub final_difference: Option<crate::precopy::FinalReport>,
+    pub final_difference: Option<FinalReport>,
 }

@@ -1,5 +1,7 @@
 //! The one place in tether-migrator that needs `unsafe`: handing a file descriptor to a child
-//! process at a fixed number. Everything else uses safe wrappers (std, nix, tokio).
+//! process at a fixed number, one raw ARP frame, registering a descriptor with tokio, and the
+//! calls into libnftables (loaded at run time). Everything else uses safe wrappers (std, nix,
+//! tokio).
 
 #![allow(unsafe_code)]
 
@@ -103,6 +105,165 @@ pub fn async_fd(
     // while the AsyncFd lives. We pass ownership of a freshly created descriptor that nothing
     // else holds, so it is closed only when the AsyncFd (its owner) is dropped.
     unsafe { tokio::io::unix::AsyncFd::register(fd).map_err(|e| e.into_parts().1) }
+}
+
+/// The name libnftables is loaded by (Debian's `libnftables1`, which CRIU links too).
+pub const LIBNFTABLES: &str = "libnftables.so.1";
+
+/// `NFT_CTX_DEFAULT` of `<nftables/libnftables.h>`: a context with its own netlink socket.
+const NFT_CTX_DEFAULT: u32 = 0;
+/// `NFT_CTX_OUTPUT_JSON`: JSON output, and JSON input is accepted.
+const NFT_CTX_OUTPUT_JSON: u32 = 1 << 4;
+
+type NftCtx = std::ffi::c_void;
+
+/// The libnftables functions tether calls, resolved once per process.
+struct NftApi {
+    ctx_new: unsafe extern "C" fn(u32) -> *mut NftCtx,
+    ctx_free: unsafe extern "C" fn(*mut NftCtx),
+    output_set_flags: unsafe extern "C" fn(*mut NftCtx, std::ffi::c_uint),
+    buffer_output: unsafe extern "C" fn(*mut NftCtx) -> std::ffi::c_int,
+    buffer_error: unsafe extern "C" fn(*mut NftCtx) -> std::ffi::c_int,
+    get_output_buffer: unsafe extern "C" fn(*mut NftCtx) -> *const std::ffi::c_char,
+    get_error_buffer: unsafe extern "C" fn(*mut NftCtx) -> *const std::ffi::c_char,
+    run_cmd_from_buffer:
+        unsafe extern "C" fn(*mut NftCtx, *const std::ffi::c_char) -> std::ffi::c_int,
+    /// Keeps the library mapped (and so the function pointers above valid) for the process's
+    /// life: the `NftApi` lives in a static.
+    _lib: libloading::Library,
+}
+
+/// Serialises every call into libnftables in this process. A context must not be used by two
+/// threads at once, and the library keeps process-wide state besides (a one-time initialisation
+/// in `nft_ctx_new`, an interface cache), so contexts of different namespaces are not
+/// independent either.
+static NFT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn nft_lock() -> std::sync::MutexGuard<'static, ()> {
+    // The guarded data is `()`: a panic while holding it leaves nothing inconsistent here.
+    NFT_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn nft_api() -> Result<&'static NftApi, std::io::Error> {
+    static API: std::sync::OnceLock<Result<NftApi, String>> = std::sync::OnceLock::new();
+    API.get_or_init(|| load_nft_api().map_err(|e| format!("{LIBNFTABLES}: {e}")))
+        .as_ref()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.clone()))
+}
+
+fn load_nft_api() -> Result<NftApi, libloading::Error> {
+    // SAFETY: loading libnftables runs its ELF constructors; it has none that depend on the
+    // caller (it is a plain C library that CRIU and nft load the same way).
+    let lib = unsafe { libloading::Library::new(LIBNFTABLES) }?;
+    // SAFETY: (each `get` below) the types are the prototypes of `<nftables/libnftables.h>`
+    // (nftables 0.9 to 1.1 keep them unchanged); the copied function pointers stay valid
+    // because `lib` is stored beside them and never unloaded.
+    unsafe {
+        Ok(NftApi {
+            ctx_new: *lib.get(b"nft_ctx_new\0")?,
+            ctx_free: *lib.get(b"nft_ctx_free\0")?,
+            output_set_flags: *lib.get(b"nft_ctx_output_set_flags\0")?,
+            buffer_output: *lib.get(b"nft_ctx_buffer_output\0")?,
+            buffer_error: *lib.get(b"nft_ctx_buffer_error\0")?,
+            get_output_buffer: *lib.get(b"nft_ctx_get_output_buffer\0")?,
+            get_error_buffer: *lib.get(b"nft_ctx_get_error_buffer\0")?,
+            run_cmd_from_buffer: *lib.get(b"nft_run_cmd_from_buffer\0")?,
+            _lib: lib,
+        })
+    }
+}
+
+/// A libnftables context: its netlink socket belongs to the network namespace of the thread
+/// that created it, whichever thread uses it later. Input and output are JSON; output and
+/// error messages are captured in buffers, never printed.
+#[derive(Debug)]
+pub struct Nftables {
+    api: &'static NftApi,
+    ctx: std::ptr::NonNull<NftCtx>,
+}
+
+impl std::fmt::Debug for NftApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(LIBNFTABLES)
+    }
+}
+
+// SAFETY: a libnftables context is a heap object with no affinity to the thread that made it
+// (its socket is a plain descriptor); every use goes through `NFT_LOCK`, so no two threads use
+// it (or the library's global state) at once.
+unsafe impl Send for Nftables {}
+
+impl Nftables {
+    /// Loads libnftables if needed and opens a context in this thread's network namespace.
+    pub fn new() -> std::io::Result<Nftables> {
+        let api = nft_api()?;
+        let _guard = nft_lock();
+        // SAFETY: plain constructor call. With NFT_CTX_DEFAULT it opens a NETLINK_NETFILTER
+        // socket (libnftables exits the process if even that fails: nf_tables netlink missing).
+        let raw = unsafe { (api.ctx_new)(NFT_CTX_DEFAULT) };
+        let ctx = std::ptr::NonNull::new(raw).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::OutOfMemory, "nft_ctx_new failed")
+        })?;
+        // SAFETY: `ctx` is a live context from nft_ctx_new, used under the lock; on failure it
+        // is freed here, once, and never used again.
+        unsafe {
+            (api.output_set_flags)(ctx.as_ptr(), NFT_CTX_OUTPUT_JSON);
+            if (api.buffer_output)(ctx.as_ptr()) != 0 || (api.buffer_error)(ctx.as_ptr()) != 0 {
+                (api.ctx_free)(ctx.as_ptr());
+                return Err(std::io::Error::other(
+                    "libnftables cannot buffer its output (fopencookie failed)",
+                ));
+            }
+        }
+        Ok(Nftables { api, ctx })
+    }
+
+    /// Runs `commands` (one JSON document) as one transaction. Ok: what libnftables printed
+    /// (JSON, possibly empty); Err: its error messages, for people (no decision is made on them).
+    pub fn run(&mut self, commands: &str) -> Result<String, String> {
+        let input = std::ffi::CString::new(commands)
+            .map_err(|_| "a command contains a NUL byte".to_string())?;
+        let ctx = self.ctx.as_ptr();
+        let _guard = nft_lock();
+        // SAFETY: `ctx` is live and used under the lock; `input` is NUL-terminated and outlives
+        // the call. The returned buffers are NUL-terminated strings owned by the context, valid
+        // until its next call; they are copied out before the lock is released.
+        unsafe {
+            let rc = (self.api.run_cmd_from_buffer)(ctx, input.as_ptr());
+            let output = cstr_lossy((self.api.get_output_buffer)(ctx));
+            let errors = cstr_lossy((self.api.get_error_buffer)(ctx));
+            if rc == 0 {
+                Ok(output)
+            } else {
+                Err(errors.trim().to_string())
+            }
+        }
+    }
+}
+
+/// Copies a C string that may be null.
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string valid for the duration of the call.
+unsafe fn cstr_lossy(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: per this function's contract.
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+impl Drop for Nftables {
+    fn drop(&mut self) {
+        let _guard = nft_lock();
+        // SAFETY: the context came from nft_ctx_new, is freed exactly once (here), under the lock.
+        unsafe { (self.api.ctx_free)(self.ctx.as_ptr()) }
+    }
 }
 
 #[cfg(test)]

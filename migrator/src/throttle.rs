@@ -199,6 +199,40 @@ impl Throttle {
     }
 }
 
+/// Lifts the throttle of migration `name` that a `tether migrate` which died left behind: its
+/// processes stay in the throttle's cgroup (their original cgroups died with the migrator's
+/// memory) but get their whole CPU back. Nothing to do if there is no such cgroup.
+pub fn release_leftover(name: &str) {
+    let dirs = [
+        (
+            Version::V1,
+            PathBuf::from("/sys/fs/cgroup/cpu").join(format!("tether-{name}")),
+        ),
+        (
+            Version::V2,
+            PathBuf::from("/sys/fs/cgroup").join(format!("tether-{name}")),
+        ),
+    ];
+    for (version, dir) in dirs {
+        if !dir.is_dir() {
+            continue;
+        }
+        let r = match version {
+            Version::V1 => write(&dir.join("cpu.cfs_quota_us"), "-1"),
+            Version::V2 => write(&dir.join("cpu.max"), "max"),
+        };
+        match r {
+            Ok(()) => tracing::warn!(
+                "lifted the CPU throttle an earlier `tether migrate` left in {}",
+                dir.display()
+            ),
+            Err(e) => tracing::error!("cannot lift the throttle in {}: {e}", dir.display()),
+        }
+        // Empty (every process gone) it can go.
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
 impl Drop for Throttle {
     fn drop(&mut self) {
         self.release_inner();

@@ -9,8 +9,9 @@ use quinn::{RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::protocol::frame::{self, Frame, Kind, HEADER, MAX_DATA};
+use crate::protocol::WireError;
 use crate::tls::{Identity, TlsError};
-use crate::wire::{self, Kind, WireError, HEADER};
 
 /// Errors on the migration connection.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +34,13 @@ pub enum TransportError {
     /// The connection or stream failed.
     #[error("connection lost: {0}")]
     Lost(String),
-    /// The peer closed the connection on purpose, saying why.
+    /// The peer aborted the migration, saying why (close code [`ABORT`]).
     #[error("peer aborted: {0}")]
     PeerAborted(String),
+    /// The peer closed the connection without a decision (close code [`DONE`] or
+    /// [`NO_DECISION`]).
+    #[error("peer closed the connection: {0}")]
+    PeerClosed(String),
     /// The peer broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(#[from] WireError),
@@ -114,22 +119,48 @@ pub async fn connect(
     }
 }
 
+/// Close code: the migration (or this connection's part in it) ended normally.
+pub const DONE: u32 = 0;
+/// Close code: the sender aborts the migration; the receiver must undo its side.
+pub const ABORT: u32 = 1;
+/// Close code: the sender gives up this connection without deciding anything (a migration in
+/// doubt stays in doubt).
+pub const NO_DECISION: u32 = 2;
+
 fn read_error(e: quinn::ReadExactError) -> TransportError {
-    use quinn::{ConnectionError, ReadError, ReadExactError};
+    use quinn::{ReadError, ReadExactError};
     match e {
-        ReadExactError::ReadError(ReadError::ConnectionLost(
-            ConnectionError::ApplicationClosed(close),
-        )) => TransportError::PeerAborted(String::from_utf8_lossy(&close.reason).into_owned()),
+        ReadExactError::ReadError(ReadError::ConnectionLost(c)) => connection_error(c),
         other => TransportError::Lost(other.to_string()),
     }
 }
 
-/// Closes a connection on purpose with `reason` (a QUIC CONNECTION_CLOSE: it is not queued
-/// behind stream data) and waits, bounded, until it is sent.
-pub async fn abort(endpoint: &quinn::Endpoint, conn: &quinn::Connection, reason: &str) {
+/// What a connection's end means for the migration.
+pub fn connection_error(e: quinn::ConnectionError) -> TransportError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason).into_owned();
+            if close.error_code == quinn::VarInt::from_u32(ABORT) {
+                TransportError::PeerAborted(reason)
+            } else {
+                TransportError::PeerClosed(reason)
+            }
+        }
+        other => TransportError::Lost(other.to_string()),
+    }
+}
+
+/// Closes a connection on purpose with `code` and `reason` (a QUIC CONNECTION_CLOSE: it is not
+/// queued behind stream data) and waits, bounded, until it is sent.
+pub async fn close(endpoint: &quinn::Endpoint, conn: &quinn::Connection, code: u32, reason: &str) {
     let reason = &reason.as_bytes()[..reason.len().min(512)];
-    conn.close(quinn::VarInt::from_u32(1), reason);
+    conn.close(quinn::VarInt::from_u32(code), reason);
     let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+}
+
+/// Aborts the migration on `conn`: [`close`] with [`ABORT`].
+pub async fn abort(endpoint: &quinn::Endpoint, conn: &quinn::Connection, reason: &str) {
+    close(endpoint, conn, ABORT, reason).await
 }
 
 /// The sending half of a migration stream.
@@ -140,7 +171,7 @@ impl FrameSender {
     /// Sends one control message.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), TransportError> {
         self.0
-            .write_all(&wire::encode(msg))
+            .write_all(&frame::encode(msg))
             .await
             .map_err(|e| TransportError::Lost(e.to_string()))
     }
@@ -156,8 +187,8 @@ impl FrameSender {
     /// Sends file data as data frames.
     pub async fn send_data(&mut self, mut data: &[u8]) -> Result<(), TransportError> {
         while !data.is_empty() {
-            let n = data.len().min(wire::MAX_DATA);
-            let hdr = wire::header(Kind::Data, n);
+            let n = data.len().min(MAX_DATA);
+            let hdr = frame::header(Kind::Data, n);
             let chunks = [
                 bytes::Bytes::copy_from_slice(&hdr),
                 bytes::Bytes::copy_from_slice(&data[..n]),
@@ -173,17 +204,6 @@ impl FrameSender {
     }
 }
 
-/// A received frame.
-#[derive(Debug)]
-pub enum Frame {
-    /// A control message body (JSON).
-    Control(Vec<u8>),
-    /// A data chunk.
-    Data(Vec<u8>),
-    /// A page batch body (decode with [`wire::PageBatch::decode`]).
-    Pages(Vec<u8>),
-}
-
 /// The receiving half of a migration stream.
 #[derive(Debug)]
 pub struct FrameReceiver(pub RecvStream);
@@ -197,7 +217,7 @@ impl FrameReceiver {
             Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
             Err(e) => return Err(read_error(e)),
         }
-        let (kind, len) = wire::parse_header(h)?;
+        let (kind, len) = frame::parse_header(h)?;
         let mut body = vec![0u8; len];
         self.0.read_exact(&mut body).await.map_err(read_error)?;
         Ok(Some(match kind {
@@ -210,10 +230,10 @@ impl FrameReceiver {
     /// Reads the next frame, which must be a control message.
     pub async fn message<T: DeserializeOwned>(&mut self) -> Result<T, TransportError> {
         match self.next().await? {
-            Some(Frame::Control(body)) => Ok(wire::decode(&body)?),
-            Some(Frame::Data(_) | Frame::Pages(_)) => Err(WireError::Unexpected {
-                got: "data frame".into(),
-                expected: "a control message",
+            Some(Frame::Control(body)) => Ok(frame::decode(&body)?),
+            Some(f) => Err(WireError::Unexpected {
+                expected: &["a control message"],
+                got: f.name(),
             }
             .into()),
             None => Err(TransportError::Lost("peer closed the stream".into())),

@@ -3,11 +3,21 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use tether_migrator::agent::{self, AgentConfig, LazyRestore};
+use tether_migrator::driver::agent::{self, AgentConfig, LazyRestore};
+
+use super::units::parse_duration;
 
 /// Receive migrations on this host: accept image sets over QUIC from hosts with a certificate of
 /// the same CA, restore them with CRIU, and hand the outcome back to the source.
+///
+/// A restored service is left stopped, its address blocked (inbound, outbound and ARP), until
+/// the source, having ended its own copy, sends the commit; then it runs and the address is
+/// announced. If the connection is lost in between, the migration is in doubt: the stopped copy
+/// is kept until the source resolves it (`Resolve`, from a reconnecting or restarted `tether
+/// migrate`) or --in-doubt-timeout passes. Every step is journaled in --state-dir first: a
+/// restarted agent resumes what it finds there.
 ///
 /// Run as root in the network namespace the services should live in.
 #[derive(Debug, clap::Args)]
@@ -24,9 +34,15 @@ pub struct AgentArgs {
     /// Where image sets are received; use tmpfs (memory images are secret: mode 0700).
     #[arg(long, value_name = "DIR", default_value = "/dev/shm/tether-agent")]
     work_dir: PathBuf,
-    /// Where in-flight migrations are recorded, so a restarted agent can undo leftovers.
-    #[arg(long, value_name = "DIR", default_value = "/run/tether/agent")]
+    /// Where migrations in flight and their outcomes are journaled, so that a restarted agent
+    /// resumes or undoes them (on disk, mode 0700).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/tether/agent")]
     state_dir: PathBuf,
+    /// How long a restored copy whose source went silent after the restore is kept (stopped,
+    /// unreachable) for the source to say whether it committed; then it is undone (the source
+    /// keeps its image set and restores the service itself if it had committed).
+    #[arg(long, value_parser = parse_duration, default_value = "5m", value_name = "DURATION")]
+    in_doubt_timeout: Duration,
     /// Largest image set accepted, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 16384)]
     max_image_mib: u64,
@@ -73,6 +89,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             LazyArg::Always => LazyRestore::Always,
             LazyArg::Never => LazyRestore::Never,
         },
+        in_doubt_timeout: a.in_doubt_timeout,
     };
     agent::run(cfg, super::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

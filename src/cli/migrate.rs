@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tether_migrator::hostnet::ServiceAddr;
-use tether_migrator::migrate::{self, MigrateOptions, PrecopyOptions, ProxyOptions};
+use tether_migrator::driver::source::{self, MigrateOptions, MigrationError, PrecopyOptions};
+use tether_migrator::gate::ProxyOptions;
+use tether_migrator::protocol::ServiceAddr;
+use tether_migrator::report::{Outcome, Report};
 
 use super::units::{parse_duration, parse_rate};
 
@@ -14,28 +16,41 @@ use super::units::{parse_duration, parse_rate};
 ///
 /// By default memory is pre-copied while the service runs: round 0 sends every page, later
 /// rounds the pages whose content changed, until the predicted downtime is under
-/// --downtime-limit (or rounds stop shrinking, or --max-rounds). Then the tree is dumped with CRIU (`--tcp-established`, nftables network lock) and kept frozen
-/// until the destination has restored it; then it is killed and the service address removed here.
-/// If anything fails before that, the migration is rolled back and the service keeps running
-/// here. Exit status: 0 committed, 1 failed (the message says where and in what state the service
-/// is).
+/// --downtime-limit (or rounds stop shrinking, or --max-rounds). Then the tree is dumped with
+/// CRIU (`--tcp-established`, nftables network lock) and held frozen while the rest goes over;
+/// the destination restores it stopped and unreachable.
+///
+/// The commit: once the destination reports its stopped copy, CRIU ends the frozen copy here
+/// (its connections stay locked), and only then is the destination told to let its copy run;
+/// the proxy resumes once it confirms. Any failure before that point rolls back: the frozen
+/// copy is thawed and runs on, its clients intact. If `tether migrate` dies, CRIU thaws the
+/// copy (before the commit point) or has ended it (after); the next `tether migrate`, or
+/// `tether migrate --recover`, finishes what was left from the journal in --state-dir.
+///
+/// Exit status: 0 committed; 1 not committed (the message says which side failed, in which
+/// phase, and where the service runs); 2 in doubt or no copy runs (the message says what to do).
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
     /// Root of the process tree to migrate (host pid).
-    #[arg(long)]
-    pid: i32,
+    #[arg(long, required_unless_present = "recover")]
+    pid: Option<i32>,
     /// The destination agent.
-    #[arg(long, value_name = "ADDR:PORT")]
-    to: SocketAddr,
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "recover")]
+    to: Option<SocketAddr>,
     /// This host's certificate directory (from `tether certs`).
-    #[arg(long, value_name = "DIR")]
-    certs: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "recover")]
+    certs: Option<PathBuf>,
     /// The service's address, which moves with it.
-    #[arg(long, value_name = "IP/PREFIX")]
-    service_addr: ServiceAddr,
+    #[arg(long, value_name = "IP/PREFIX", required_unless_present = "recover")]
+    service_addr: Option<ServiceAddr>,
     /// The name the agent's certificate must carry (default: any host of the CA).
     #[arg(long, value_name = "NAME")]
     agent_name: Option<String>,
+    /// Only resolve migrations an earlier `tether migrate` left unfinished (it was killed, or
+    /// could not reach the agent after the commit point), from the journal in --state-dir, and
+    /// exit.
+    #[arg(long, conflicts_with_all = ["pid", "to", "service_addr"])]
+    recover: bool,
     /// Write the JSON report here (it is also printed on success with --json).
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -45,9 +60,15 @@ pub struct MigrateArgs {
     /// Where the dump is written; use tmpfs (mode 0700, removed afterwards).
     #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
     work_dir: PathBuf,
-    /// Seconds to wait for the destination's restore.
-    #[arg(long, default_value_t = 120)]
-    restore_timeout: u64,
+    /// Where migrations in flight are journaled, so that a crash can be resolved (on disk, mode
+    /// 0700).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/tether/migrate")]
+    state_dir: PathBuf,
+    /// The longest the service may stay frozen (from CRIU's freeze to the destination's restore
+    /// report) before the migration rolls back. With --proxy it must be below the proxy's
+    /// max_hold_ms by 500 ms (checked before anything starts).
+    #[arg(long, value_parser = parse_duration, default_value = "4s", value_name = "DURATION")]
+    max_frozen: Duration,
     /// CRIU log level (0-4).
     #[arg(long, default_value_t = 2)]
     criu_log_level: i32,
@@ -71,7 +92,8 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
     throttle_increment: u8,
     /// Control socket of the tether-proxy in front of the service: it is paused right before the
-    /// freeze (no byte in flight toward the service) and resumed right after the commit, so
+    /// freeze (no byte in flight toward the service) and resumed once the destination confirms
+    /// that the service runs there (or, on a rollback, once the thawed service runs here), so
     /// clients stall for the downtime only. Needs --service.
     #[arg(long, value_name = "SOCKET", requires = "service")]
     proxy: Option<PathBuf>,
@@ -92,33 +114,7 @@ pub struct MigrateArgs {
 
 /// Runs `tether migrate`.
 pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
-    let opts = MigrateOptions {
-        pid: a.pid,
-        to: a.to,
-        agent_name: a.agent_name,
-        certs: a.certs,
-        service_addr: a.service_addr,
-        work_dir: a.work_dir,
-        criu_log_level: a.criu_log_level,
-        restore_timeout: Duration::from_secs(a.restore_timeout),
-        precopy: (!a.stop_and_copy).then_some(PrecopyOptions {
-            downtime_limit: a.downtime_limit,
-            max_rounds: a.max_rounds,
-            auto_converge: a.auto_converge,
-            throttle_steps: (a.throttle_initial, a.throttle_increment),
-        }),
-        bandwidth: a.bandwidth,
-        proxy: match (a.proxy, a.service) {
-            (Some(socket), Some(service)) => Some(ProxyOptions {
-                socket,
-                service,
-                redirect: a.proxy_redirect,
-                pause_timeout: a.pause_timeout,
-            }),
-            _ => None,
-        },
-    };
-    let write = |report: &tether_migrator::report::Report| -> anyhow::Result<()> {
+    let write = |report: &Report| -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(report)?;
         if let Some(path) = &a.report {
             std::fs::write(path, &text)?;
@@ -128,7 +124,73 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(())
     };
-    match migrate::migrate(&opts, super::shutdown_signal()).await {
+    if a.recover {
+        let results = source::recover(&a.state_dir).await;
+        if results.is_empty() {
+            eprintln!(
+                "tether: nothing to recover in {}: no migration was left unfinished",
+                a.state_dir.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        // 0 when every migration was resolved to a running service, wherever it runs.
+        let mut code = ExitCode::SUCCESS;
+        for (id, r) in results {
+            match r {
+                Ok(report) => {
+                    write(&report)?;
+                    eprintln!(
+                        "tether: migration {id} resolved: committed. The service runs on {} (pid \
+                         {}); the source's address, lock table and image set are removed.",
+                        report.destination,
+                        report.destination_pid.unwrap_or(-1)
+                    );
+                }
+                Err(e) if e.outcome.service_runs() => {
+                    if let Some(report) = &e.report {
+                        write(report)?;
+                    }
+                    eprintln!("tether: migration {id} resolved: {}", e.state);
+                    eprintln!("tether:   it had failed: {}", e.failure);
+                }
+                Err(e) => code = report_failure(&id.to_string(), &e, &write)?,
+            }
+        }
+        return Ok(code);
+    }
+    let (Some(pid), Some(to), Some(certs), Some(service_addr)) =
+        (a.pid, a.to, a.certs.clone(), a.service_addr)
+    else {
+        anyhow::bail!("--pid, --to, --certs and --service-addr are required");
+    };
+    let opts = MigrateOptions {
+        pid,
+        to,
+        agent_name: a.agent_name.clone(),
+        certs,
+        service_addr,
+        work_dir: a.work_dir.clone(),
+        state_dir: a.state_dir.clone(),
+        criu_log_level: a.criu_log_level,
+        max_frozen: a.max_frozen,
+        precopy: (!a.stop_and_copy).then_some(PrecopyOptions {
+            downtime_limit: a.downtime_limit,
+            max_rounds: a.max_rounds,
+            auto_converge: a.auto_converge,
+            throttle_steps: (a.throttle_initial, a.throttle_increment),
+        }),
+        bandwidth: a.bandwidth,
+        proxy: match (a.proxy.clone(), a.service.clone()) {
+            (Some(socket), Some(service)) => Some(ProxyOptions {
+                socket,
+                service,
+                redirect: a.proxy_redirect,
+                pause_timeout: a.pause_timeout,
+            }),
+            _ => None,
+        },
+    };
+    match source::migrate(&opts, super::shutdown_signal()).await {
         Ok(report) => {
             write(&report)?;
             let rounds = report.precopy.rounds.len();
@@ -138,10 +200,11 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map_or(0, |f| f.pages_sent);
             eprintln!(
-                "tether: migrated pid {} to {}: downtime {:.1} ms, total {:.1} ms, {} pre-copy round(s), final difference {} pages, {} bytes sent while frozen",
+                "tether: migrated pid {} to {}: downtime {:.1} ms (commit {:.1} ms), total {:.1} ms, {} pre-copy round(s), final difference {} pages, {} bytes sent while frozen",
                 report.source_pid,
                 report.destination,
                 report.timings.downtime_ms,
+                report.timings.commit_ms,
                 report.timings.total_ms,
                 rounds,
                 fin,
@@ -150,14 +213,34 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            if let Some(report) = &e.report {
-                write(report)?;
-            }
-            eprintln!("tether: migration failed: {e}");
-            if e.retry_safe {
-                eprintln!("tether: retrying is safe.");
-            }
-            Ok(ExitCode::FAILURE)
+            let id = e
+                .report
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |r| r.migration_id.clone());
+            report_failure(&id, &e, &write)
         }
     }
+}
+
+fn report_failure(
+    id: &str,
+    e: &MigrationError,
+    write: &dyn Fn(&Report) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    if let Some(report) = &e.report {
+        write(report)?;
+    }
+    eprintln!("tether: migration {id} failed: {e}");
+    let mut cause = std::error::Error::source(&e.failure);
+    while let Some(c) = cause {
+        eprintln!("tether:   caused by: {c}");
+        cause = c.source();
+    }
+    if e.retry_safe {
+        eprintln!("tether: retrying is safe.");
+    }
+    Ok(match e.outcome {
+        Outcome::InDoubt | Outcome::Failed => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    })
 }

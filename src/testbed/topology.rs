@@ -443,9 +443,26 @@ impl Topology {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.spawn_env(host, program, args, &[], log)
+    }
+
+    /// Like [`spawn`](Self::spawn), with environment variables added.
+    pub fn spawn_env<I, S>(
+        &self,
+        host: Host,
+        program: impl AsRef<OsStr>,
+        args: I,
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> anyhow::Result<HostProcess>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let (out, err) = output_stdio(log)?;
         let mut cmd = self.command(host, program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.envs(env.iter().copied());
         set_cloexec_on_inherited_fds();
         let mut proc = HostProcess::spawn(&mut cmd)?;
         // Return once `nsenter` has switched namespaces, so that callers see the process where

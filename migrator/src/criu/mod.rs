@@ -12,6 +12,7 @@ pub mod pages;
 pub mod rebuild;
 pub mod rpc;
 pub mod swrk;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -127,9 +128,10 @@ impl Criu {
 
     /// Starts dumping the tree rooted at `pid` into `images` with its TCP connections
     /// (`--tcp-established`, nftables network lock). The caller walks the dump through its
-    /// [`DumpPoint`]s with [`DumpSession::until`] and [`DumpSession::proceed`], and ends at
-    /// [`DumpSession::held`]: frozen, locked, not killed. A failure at any point leaves the tree
-    /// running (CRIU rolls back by itself).
+    /// [`DumpPoint`]s with [`DumpSession::next`] and ends it at [`DumpPoint::Dumped`] with
+    /// [`DumpSession::commit`] (CRIU ends the tree) or, anywhere, [`DumpSession::rollback`]
+    /// (CRIU unlocks and thaws it). A failure at any point leaves the tree running (CRIU rolls
+    /// back by itself).
     pub async fn start_dump(
         &self,
         worker: Worker,
@@ -155,36 +157,61 @@ impl Criu {
             worker,
             images: images.to_path_buf(),
             requested,
-            stopping: None,
-            frozen: None,
+            frozen: false,
             at: None,
         })
     }
 
     /// Restores the image set in `images` (`--tcp-established`, as a sibling of CRIU so the
-    /// restored root becomes the caller's child) and returns the restored root's pid.
+    /// restored root becomes the caller's child). With `stopped`, every restored process is
+    /// left stopped (SIGSTOP) with its sockets live: it runs on SIGCONT. `on_pid` gets the
+    /// restored root's pid as soon as CRIU names it, before any of the tree runs.
     ///
-    /// With `lazy`, anonymous private memory is not copied in: the tree runs as soon as its
-    /// mappings exist, and a [`lazy::LazyPages`] daemon, which must already listen in `images`,
-    /// fills them through userfaultfd.
-    pub async fn restore(&self, images: &Path, lazy: bool) -> Result<Restored, CriuError> {
+    /// With `lazy`, anonymous private memory is not copied in: a [`lazy::LazyPages`] daemon,
+    /// which must already listen in `images`, fills it through userfaultfd.
+    pub async fn restore(
+        &self,
+        images: &Path,
+        lazy: bool,
+        stopped: bool,
+        on_pid: impl FnOnce(i32),
+    ) -> Result<Restored, CriuError> {
         let worker = self.worker()?;
         let mut opts = swrk::opts_for(images);
         opts.lazy_pages = lazy.then_some(true);
         opts.tcp_established = Some(true);
         opts.network_lock = Some(NetworkLockMethod::Nftables as i32);
         opts.rst_sibling = Some(true);
+        opts.leave_stopped = stopped.then_some(true);
         opts.notify_scripts = Some(true);
         opts.log_file = Some(RESTORE_LOG.into());
         opts.log_level = Some(self.log_level);
         let started = Instant::now();
-        let resp = worker
-            .call(&Req {
-                r#type: ReqType::Restore as i32,
-                opts: Some(opts),
-                ..Default::default()
-            })
-            .await;
+        let mut on_pid = Some(on_pid);
+        let resp = async {
+            worker
+                .send(&Req {
+                    r#type: ReqType::Restore as i32,
+                    opts: Some(opts),
+                    ..Default::default()
+                })
+                .await?;
+            loop {
+                match worker.next().await? {
+                    Event::Notify { script, pid } => {
+                        tracing::debug!(%script, ?pid, "criu restore notification");
+                        // `setup-namespaces` names the root first, before the tree runs; if we
+                        // die after it, CRIU may still finish, and the journal knows the pid.
+                        if let (Some(pid), Some(f)) = (pid.filter(|p| *p > 0), on_pid.take()) {
+                            f(pid);
+                        }
+                        worker.answer_notify(true).await?;
+                    }
+                    Event::Done(resp) => return Ok::<_, CriuError>(resp),
+                }
+            }
+        }
+        .await;
         let elapsed = started.elapsed();
         worker.finish().await;
         let resp = resp?;
@@ -207,7 +234,7 @@ pub enum DumpPoint {
     /// The tree is frozen and its connections locked (`query-ext-files`, or `network-lock` when a
     /// network namespace is dumped).
     Frozen,
-    /// The images are complete (`post-dump`).
+    /// The images are complete (`post-dump`); the tree is held frozen and locked.
     Dumped,
 }
 
@@ -228,36 +255,32 @@ pub struct DumpSession {
     worker: Worker,
     images: PathBuf,
     requested: Instant,
-    /// When CRIU was let go on from `pre-dump` to freeze the tree.
-    stopping: Option<Instant>,
-    frozen: Option<Instant>,
+    /// The freeze point was seen (CRIU may name it twice).
+    frozen: bool,
     /// The point CRIU waits at for our answer, if any.
     at: Option<DumpPoint>,
 }
 
 impl DumpSession {
-    /// Runs the dump until CRIU reaches `point` (answering other notifications) and returns when
-    /// it got there; CRIU then waits for [`proceed`](Self::proceed) or
-    /// [`abort`](Self::abort).
-    pub async fn until(&mut self, point: DumpPoint) -> Result<Instant, CriuError> {
-        if self.at.is_some() {
-            self.proceed().await?;
+    /// Lets CRIU go on from the point it waits at (if any) and returns at the next point.
+    /// Cancel-safe: dropped while waiting, the session is between points and
+    /// [`rollback`](Self::rollback) hangs up.
+    pub async fn next(&mut self) -> Result<DumpPoint, CriuError> {
+        if self.at.take().is_some() {
+            self.worker.answer_notify(true).await?;
         }
         loop {
             match self.worker.next().await? {
                 Event::Notify { script, .. } => {
                     tracing::debug!(%script, "criu dump notification");
-                    let now = Instant::now();
                     match DumpPoint::of(&script) {
-                        Some(DumpPoint::Frozen) if self.frozen.is_some() => {}
+                        Some(DumpPoint::Frozen) if self.frozen => {}
                         Some(p) => {
                             if p == DumpPoint::Frozen {
-                                self.frozen = Some(now);
+                                self.frozen = true;
                             }
-                            if p == point {
-                                self.at = Some(p);
-                                return Ok(now);
-                            }
+                            self.at = Some(p);
+                            return Ok(p);
                         }
                         None => {}
                     }
@@ -270,68 +293,25 @@ impl DumpSession {
         }
     }
 
-    /// Lets CRIU go on from the point it waits at.
-    pub async fn proceed(&mut self) -> Result<(), CriuError> {
-        if let Some(at) = self.at.take() {
-            if at == DumpPoint::PreFreeze {
-                self.stopping = Some(Instant::now());
-            }
-            self.worker.answer_notify(true).await?;
+    /// The CRIU worker's pid.
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.worker.pid()
+    }
+
+    /// Time since the dump was requested.
+    pub fn since_request(&self) -> Duration {
+        self.requested.elapsed()
+    }
+
+    /// Commits a dump held at [`DumpPoint::Dumped`]: CRIU kills the tree. Its connections stay
+    /// locked (CRIU's nftables table remains until the caller removes it) so that the peers see
+    /// no reset.
+    pub async fn commit(mut self) -> Result<(), CriuError> {
+        if self.at.take() != Some(DumpPoint::Dumped) {
+            return Err(CriuError::Protocol(
+                "commit of a dump that is not held at post-dump".into(),
+            ));
         }
-        Ok(())
-    }
-
-    /// Refuses the point CRIU waits at: CRIU abandons the dump and thaws the tree if it froze
-    /// it. Returns once CRIU has finished.
-    pub async fn abort(mut self) -> Result<(), CriuError> {
-        if self.at.take().is_some() {
-            self.worker.answer_notify(false).await?;
-        }
-        let _ = wait_done(&self.worker).await;
-        self.worker.finish().await;
-        Ok(())
-    }
-
-    /// Runs to the end of the dump and holds the tree there.
-    pub async fn held(mut self) -> Result<HeldDump, CriuError> {
-        let dumped = self.until(DumpPoint::Dumped).await?;
-        let frozen = self.frozen.unwrap_or(self.requested);
-        Ok(HeldDump {
-            worker: self.worker,
-            images: self.images,
-            requested: self.requested,
-            stopping: self.stopping.unwrap_or(self.requested).min(frozen),
-            frozen,
-            dumped,
-        })
-    }
-}
-
-/// A finished dump whose tree is held frozen, with its network locked, at CRIU's `post-dump`.
-#[derive(Debug)]
-pub struct HeldDump {
-    worker: Worker,
-    images: PathBuf,
-    /// When the dump was requested.
-    pub requested: Instant,
-    /// When CRIU was let go on to freeze the tree: the service stops serving within CRIU's
-    /// freezing time after this, so the downtime is counted from here.
-    pub stopping: Instant,
-    /// When the tree was frozen (CRIU's first notification after the freeze).
-    pub frozen: Instant,
-    /// When the images were complete (post-dump).
-    pub dumped: Instant,
-}
-
-impl HeldDump {
-    /// Time from request to complete images.
-    pub fn dump_duration(&self) -> Duration {
-        self.dumped - self.requested
-    }
-
-    /// Commits: CRIU kills the dumped tree. Its connections stay locked (CRIU's nftables table
-    /// remains until the caller removes it) so that the peers see no reset.
-    pub async fn commit(self) -> Result<(), CriuError> {
         self.worker.answer_notify(true).await?;
         let resp = wait_done(&self.worker).await;
         self.worker.finish().await;
@@ -343,9 +323,15 @@ impl HeldDump {
         }
     }
 
-    /// Rolls back: CRIU unlocks the network and thaws the tree, which runs on as if nothing
-    /// happened. Returns once CRIU has finished.
-    pub async fn rollback(self) -> Result<(), CriuError> {
+    /// Abandons the dump: CRIU unlocks the network and thaws the tree (or never froze it),
+    /// which runs on as if nothing happened. At a point, CRIU is answered "failed"; between
+    /// points, its socket is closed, which it takes the same way at its next point. Returns
+    /// once CRIU has finished.
+    pub async fn rollback(mut self) -> Result<(), CriuError> {
+        if self.at.take().is_none() {
+            self.worker.hang_up().await;
+            return Ok(());
+        }
         self.worker.answer_notify(false).await?;
         // CRIU answers with a failed dump response after it has resumed the tree.
         let resp = wait_done(&self.worker).await;
@@ -353,7 +339,7 @@ impl HeldDump {
         match resp {
             Ok(r) if !r.success => Ok(()),
             Ok(_) => Err(CriuError::Protocol(
-                "CRIU reported success after a refused post-dump".into(),
+                "CRIU reported success after a refused notification".into(),
             )),
             Err(e) => Err(e),
         }

@@ -85,7 +85,7 @@ pub struct PagemapEntry {
 
 /// Whose memory a page map describes.
 ///
-/// [`Owner::code`] packs it into the `u64` owner field of [`crate::wire::PageBatch`].
+/// [`Owner::code`] packs it into the `u64` owner field of [`crate::protocol::PageBatch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Owner {

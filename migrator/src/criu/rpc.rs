@@ -68,6 +68,8 @@ pub struct Opts {
     pub lazy_pages: Option<bool>,
     #[prost(enumeration = "NetworkLockMethod", optional, tag = "64")]
     pub network_lock: Option<i32>,
+    #[prost(bool, optional, tag = "69")]
+    pub leave_stopped: Option<bool>,
     #[prost(bool, optional, tag = "70")]
     pub display_stats: Option<bool>,
 }

@@ -155,15 +155,25 @@ impl Worker {
         }
     }
 
-    /// Waits (bounded) for the worker to exit, killing it if it does not.
-    pub async fn finish(mut self) {
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
+    /// Closes the RPC socket without an answer and waits (bounded) for the worker to exit:
+    /// CRIU takes the EOF as a failed notification at its next point and rolls back (unlocks
+    /// and thaws the tree) before it exits.
+    pub async fn hang_up(self) {
+        let Worker { child, sock } = self;
+        drop(sock);
+        Worker::reap(child, Duration::from_secs(10)).await;
+    }
+
+    async fn reap(mut child: Child, within: Duration) {
+        if tokio::time::timeout(within, child.wait()).await.is_err() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
         }
+    }
+
+    /// Waits (bounded) for the worker to exit, killing it if it does not.
+    pub async fn finish(self) {
+        Worker::reap(self.child, Duration::from_secs(5)).await;
     }
 }
 

@@ -1,23 +1,18 @@
-//! The migration protocol between the source (`tether migrate`) and the destination agent.
+//! Framing of a migration stream, and its bounds.
 //!
 //! One QUIC bidirectional stream per migration carries frames `u32 length | u8 kind | body`
-//! (big-endian length of the body). A control frame's body is one JSON message, at most
-//! [`MAX_CONTROL`] bytes; a data frame carries at most [`MAX_DATA`] bytes of the file announced
-//! by the last [`ToAgent::File`]. Everything is checked on receipt: unknown kinds, oversized
-//! frames, file names that are not plain CRIU image names, and sizes that do not add up are
-//! protocol errors that abort the migration (and roll it back) without touching anything else.
-//!
-//! Sequence (source -> agent, agent -> source):
-//! `Hello` -> `Ready` | `Refused`; pre-copy: ((`Layout`, page batches)*, `RoundEnd` -> `RoundAck`)*; `Frozen`;
-//! (`File`, data...)*; `FinalPages`, page batches*; `ImagesDone` -> `Restored` | `Failed`;
-//! `Commit` -> `Committed`. `Abort` may come at any time before `Commit`.
+//! (big-endian length of the body). A control frame's body is one JSON message (see
+//! [`crate::protocol::message`]), at most [`MAX_CONTROL`] bytes; a data frame carries at most
+//! [`MAX_DATA`] bytes of the file announced last; a page-batch frame carries up to
+//! [`PageBatch::MAX_PAGES`] memory pages. Everything is checked on receipt: unknown kinds,
+//! oversized frames, malformed batches and file names that are not plain CRIU image names are
+//! [`WireError`]s.
 
 use serde::{Deserialize, Serialize};
 
-use crate::hostnet::ServiceAddr;
+use super::error::WireError;
+use super::types::PAGE;
 
-/// Protocol version in `Hello`.
-pub const PROTOCOL: u32 = 1;
 /// Largest control message body.
 pub const MAX_CONTROL: usize = 64 * 1024;
 /// Largest data frame body.
@@ -40,40 +35,36 @@ pub enum Kind {
 /// Frame header length.
 pub const HEADER: usize = 5;
 
-/// Protocol violations.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum WireError {
-    /// Unknown frame kind.
-    #[error("unknown frame kind {0}")]
-    UnknownKind(u8),
-    /// Frame larger than its kind allows.
-    #[error("{kind:?} frame of {len} bytes exceeds the limit of {max}")]
-    TooLarge {
-        /// The kind.
-        kind: Kind,
-        /// Its length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// A control message that does not parse.
-    #[error("malformed control message: {0}")]
-    BadMessage(String),
-    /// A message out of sequence.
-    #[error("unexpected {got} (expected {expected})")]
-    Unexpected {
-        /// What arrived.
-        got: String,
-        /// What was expected.
-        expected: &'static str,
-    },
-    /// A file name that is not a plain image name.
-    #[error("refusing image file name {0:?}")]
-    BadFileName(String),
-    /// File contents that do not match their announced size, or limits exceeded.
-    #[error("{0}")]
-    BadSize(String),
+/// A frame as received: its kind and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A control message body (JSON; decode with [`decode`]).
+    Control(Vec<u8>),
+    /// A chunk of the file announced last.
+    Data(Vec<u8>),
+    /// A page batch body (decode with [`PageBatch::decode`]).
+    Pages(Vec<u8>),
+}
+
+impl Frame {
+    /// The frame kind's name, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Control(_) => "control message",
+            Frame::Data(_) => "file data",
+            Frame::Pages(_) => "page batch",
+        }
+    }
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Control => "control",
+            Kind::Data => "data",
+            Kind::Pages => "page batch",
+        }
+    }
 }
 
 /// Parses a frame header into kind and body length, enforcing the limits.
@@ -91,7 +82,11 @@ pub fn parse_header(h: [u8; HEADER]) -> Result<(Kind, usize), WireError> {
         Kind::Pages => PageBatch::MAX_BODY,
     };
     if len > max {
-        return Err(WireError::TooLarge { kind, len, max });
+        return Err(WireError::TooLarge {
+            kind: kind.name(),
+            len,
+            max,
+        });
     }
     Ok((kind, len))
 }
@@ -102,168 +97,6 @@ pub fn header(kind: Kind, len: usize) -> [u8; HEADER] {
     [l[0], l[1], l[2], l[3], kind as u8]
 }
 
-/// Messages from the source to the agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-#[non_exhaustive]
-pub enum ToAgent {
-    /// Opens a migration.
-    Hello {
-        /// Must be [`PROTOCOL`].
-        protocol: u32,
-        /// Identifies the migration in logs, reports and names on both hosts.
-        migration_id: MigrationId,
-        /// The address the service keeps across the move.
-        service_addr: ServiceAddr,
-    },
-    /// Pre-copy: the address ranges of an owner's memory (its private mappings). Page batches
-    /// for that owner are accepted only inside them; pages held outside them are dropped.
-    Layout {
-        /// The owner code.
-        owner: u64,
-        /// `[start, end)` ranges, page-aligned, disjoint.
-        ranges: Vec<(u64, u64)>,
-    },
-    /// Pre-copy: a round's pages are all sent; the agent answers [`FromAgent::RoundAck`] once
-    /// it has stored them (so the source measures delivered, not buffered, bandwidth).
-    RoundEnd {
-        /// Its number, from 0.
-        round: u32,
-    },
-    /// The source tree is frozen and its connections locked.
-    Frozen,
-    /// All image files (with the dump's page maps, without its page data) are sent; page
-    /// batches of the final difference follow, for pages of the dump's page maps only.
-    FinalPages,
-    /// Announces the next image file; exactly `size` bytes of data frames follow.
-    File {
-        /// Plain image file name.
-        name: String,
-        /// Its size.
-        size: u64,
-    },
-    /// All image files and final pages are sent.
-    ImagesDone {
-        /// How many files were sent.
-        files: u32,
-        /// Their total size.
-        bytes: u64,
-        /// How many pages the final difference carried.
-        final_pages: u64,
-    },
-    /// The source has given up its copy: keep the restored service.
-    Commit,
-    /// Undo everything; the source keeps the service.
-    Abort {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Messages from the agent to the source.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-#[non_exhaustive]
-pub enum FromAgent {
-    /// The agent accepts the migration.
-    Ready {
-        /// The interface the service address will live on.
-        interface: String,
-    },
-    /// The agent refuses the migration; nothing was changed.
-    Refused {
-        /// Why.
-        reason: String,
-    },
-    /// The service runs on the destination.
-    Restored {
-        /// Its root's pid there.
-        pid: i32,
-        /// Milliseconds from `ImagesDone` to a running service (preparation + CRIU restore).
-        restore_ms: f64,
-        /// Milliseconds of the CRIU restore request alone.
-        criu_restore_ms: f64,
-        /// CRIU's restore statistics, if it wrote them.
-        stats: Option<crate::report::CriuRestoreStats>,
-    },
-    /// The destination failed and has undone its part.
-    Failed {
-        /// The phase that failed.
-        phase: String,
-        /// Why.
-        reason: String,
-    },
-    /// The destination keeps the service.
-    Committed,
-    /// A pre-copy round is stored.
-    RoundAck {
-        /// The round.
-        round: u32,
-        /// Pages the agent holds now.
-        pages_held: u64,
-    },
-}
-
-/// A migration identifier: 1 to 40 characters of `[A-Za-z0-9-]`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct MigrationId(String);
-
-impl MigrationId {
-    /// A fresh random identifier.
-    pub fn random() -> MigrationId {
-        let n: u64 = rand_u64();
-        MigrationId(format!("m{n:016x}"))
-    }
-
-    /// The identifier.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
-}
-
-impl TryFrom<String> for MigrationId {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        if !s.is_empty()
-            && s.len() <= 40
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
-            Ok(MigrationId(s))
-        } else {
-            Err(format!("invalid migration id {s:?}"))
-        }
-    }
-}
-
-impl From<MigrationId> for String {
-    fn from(m: MigrationId) -> String {
-        m.0
-    }
-}
-
-impl std::fmt::Display for MigrationId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Size of a memory page.
-pub const PAGE: usize = 4096;
-
 /// A batch of memory pages of one owner (a process, by its pid inside the tree's PID namespace,
 /// or a shared-memory object), for pre-copy rounds and the final difference.
 ///
@@ -272,7 +105,8 @@ pub const PAGE: usize = 4096;
 /// increasing; a zero page costs its 9-byte header only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageBatch {
-    /// The owner code (see [`crate::criu::pages::Owner`]).
+    /// The owner code: a process by its pid inside the tree's PID namespace, or a shared-memory
+    /// object (see `criu::pages::Owner`).
     pub owner: u64,
     /// (address, content); `None` for a page of zeros.
     pub pages: Vec<(u64, Option<Vec<u8>>)>,
@@ -306,7 +140,7 @@ impl PageBatch {
 
     /// Decodes and checks a batch body.
     pub fn decode(body: &[u8]) -> Result<PageBatch, WireError> {
-        let bad = |what: &str| WireError::BadSize(format!("page batch: {what}"));
+        let bad = |what: &str| WireError::BadPages(what.to_string());
         if body.len() < 12 {
             return Err(bad("shorter than its header"));
         }
@@ -396,7 +230,7 @@ mod tests {
         assert_eq!(
             parse_header(header(Kind::Control, MAX_CONTROL + 1)),
             Err(WireError::TooLarge {
-                kind: Kind::Control,
+                kind: "control",
                 len: MAX_CONTROL + 1,
                 max: MAX_CONTROL
             })
@@ -407,40 +241,6 @@ mod tests {
             parse_header([0, 0, 0, 1, 9]),
             Err(WireError::UnknownKind(9))
         );
-    }
-
-    #[test]
-    fn messages_round_trip() {
-        let hello = ToAgent::Hello {
-            protocol: PROTOCOL,
-            migration_id: MigrationId::random(),
-            service_addr: "10.77.0.100/24".parse().expect("addr"),
-        };
-        let frame = encode(&hello);
-        let (kind, len) =
-            parse_header(frame[..HEADER].try_into().expect("5 bytes")).expect("header");
-        assert_eq!(kind, Kind::Control);
-        assert_eq!(len, frame.len() - HEADER);
-        let back: ToAgent = decode(&frame[HEADER..]).expect("decode");
-        assert_eq!(back, hello);
-    }
-
-    #[test]
-    fn hostile_messages_are_rejected() {
-        for bad in [
-            &br#"{"type":"hello","protocol":1,"migration_id":"../x","service_addr":"10.0.0.1/24"}"#
-                [..],
-            br#"{"type":"hello","protocol":1,"migration_id":"m1","service_addr":"10.0.0.1"}"#,
-            br#"{"type":"file","name":"a","size":-1}"#,
-            br#"{"type":"nope"}"#,
-            b"\xff\xfe",
-        ] {
-            assert!(
-                decode::<ToAgent>(bad).is_err(),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
-        }
     }
 
     #[test]

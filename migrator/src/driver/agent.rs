@@ -1,0 +1,1038 @@
+//! `tether agent`: accepts migrations over QUIC with mutual TLS and runs one [`AgentMachine`]
+//! per migration against the real world (CRIU, the host's network, the journal).
+//!
+//! A connection opens with `Hello` (a new migration: a task with its machine is started) or
+//! `Resolve` (about a migration in doubt: routed to its task if it still runs, else answered from
+//! its recorded outcome). Each task owns its machine, its connection's writer and reader, and
+//! its data plane ([`super::receive::Receiver`]); ports' slow work runs in spawned tasks that
+//! report back as events. On start-up the agent resumes every migration its journal holds: one
+//! in doubt waits for the source's word (or its in-doubt timeout), a committed one finishes
+//! going live, earlier ones are undone.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, info_span, warn, Instrument};
+
+use super::receive::Receiver;
+use crate::criu::tree::{process_start_time, CriuTree};
+use crate::criu::{Criu, CriuError};
+use crate::hostnet::HostAddressMover;
+use crate::journal::FileJournal;
+use crate::machine::agent::{
+    AgentAction, AgentConfig as MachineConfig, AgentEvent, AgentMachine, AgentOutcome, AgentPhase,
+    AgentStep, AgentTimeouts,
+};
+use crate::machine::{ConnectionEnd, PortError};
+use crate::metrics::{AgentMetrics, Outcome as MetricOutcome};
+use crate::ports::{AddressMover, Checkpointer, Journal, LazyServer};
+use crate::protocol::frame::Frame;
+use crate::protocol::{
+    Decision, ErrorCode, FromAgent, MigrationId, Phase, Resolution, ServiceAddr, ToAgent, PROTOCOL,
+};
+use crate::tls::{self, Identity};
+use crate::transport::{self, FrameReceiver, FrameSender, TransportError};
+
+/// How long the agent waits for the first frame of a connection.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a lazy-pages daemon may take to listen before the restore falls back to a full one.
+const LAZY_READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a stopping agent waits for committed lazy restores to finish filling in memory.
+const LAZY_SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// How long a lazy-pages daemon may take to fill a restored service's memory before it is
+/// reported (it is never killed after the commit).
+const LAZY_FILL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a `Resolve` waits for its migration's answer.
+const RESOLVE_WAIT: Duration = Duration::from_secs(30);
+/// How long a stopping agent lets migrations that are not in doubt undo themselves.
+const SHUTDOWN_UNDO_WAIT: Duration = Duration::from_secs(10);
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Host certificate directory (`ca.pem`, `cert.pem`, `key.pem`).
+    pub certs: PathBuf,
+    /// Interface for service addresses; by default the one whose subnet contains the address.
+    pub interface: Option<String>,
+    /// Where image sets are received (should be tmpfs).
+    pub work_dir: PathBuf,
+    /// Where migrations in flight and their outcomes are journaled.
+    pub state_dir: PathBuf,
+    /// Largest image set accepted, in bytes.
+    pub max_image_bytes: u64,
+    /// CRIU log level.
+    pub criu_log_level: i32,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Whether to restore memory lazily (userfaultfd).
+    pub lazy_restore: LazyRestore,
+    /// How long a restored copy is kept, stopped and unreachable, for a source that does not
+    /// say how its migration ended.
+    pub in_doubt_timeout: Duration,
+}
+
+/// Whether the agent restores memory lazily: the service runs as soon as its mappings exist and
+/// a local `criu lazy-pages` daemon fills them in from the received pages files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LazyRestore {
+    /// Lazily when CRIU's `lazy_pages` feature check passes here, else fully.
+    #[default]
+    Auto,
+    /// Always lazily; the agent does not start where the feature check fails.
+    Always,
+    /// Never: copy all memory during the restore.
+    Never,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// TLS or endpoint setup.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// CRIU is unusable.
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    /// Local setup.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What the agent journals about a migration in flight.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// How far it got.
+    pub phase: AgentPhase,
+    /// The service address.
+    pub service_addr: ServiceAddr,
+    /// Its interface here.
+    pub dev: String,
+    /// The block's table name.
+    pub block_table: String,
+    /// The address was (being) added and blocked here.
+    pub claimed: bool,
+    /// The received image set.
+    pub images: PathBuf,
+    /// The restored tree's root and its start time.
+    pub restored: Option<(i32, u64)>,
+    /// The lazy-pages daemon and its start time.
+    pub lazy_daemon: Option<(i32, u64)>,
+}
+
+type AgentJournal = FileJournal<AgentRecord, AgentOutcome>;
+
+/// A migration task's inputs.
+enum TaskInput {
+    /// A frame on the main connection (of generation `u64`).
+    Frame(Frame),
+    /// The main connection ended.
+    Lost(ConnectionEnd),
+    /// A `Resolve` from another connection.
+    Resolve(Decision, oneshot::Sender<Resolution>),
+    /// A port's result.
+    Event(AgentEvent),
+    /// The agent stops.
+    Shutdown,
+}
+
+/// Shared agent state.
+struct Shared {
+    cfg: AgentConfig,
+    machine: MachineConfig,
+    ckpt: Arc<CriuTree>,
+    net: Arc<HostAddressMover>,
+    journal: Arc<AgentJournal>,
+    metrics: Arc<AgentMetrics>,
+    /// Migrations with a task, by id.
+    tasks: Mutex<HashMap<MigrationId, mpsc::UnboundedSender<TaskInput>>>,
+    /// Service addresses with a migration in flight here.
+    busy: Mutex<HashSet<Ipv4Addr>>,
+    /// Restored services this agent is the parent of, reaped when they exit.
+    children: Arc<Mutex<Vec<i32>>>,
+    /// Committed lazy restores whose memory is still being filled in.
+    lazy_fills: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let identity = Identity::load(&cfg.certs).map_err(TransportError::from)?;
+    // Restored services are created as siblings of CRIU, i.e. our children; orphans of theirs
+    // come to us too and are reaped at once (PID 1 here reaps late).
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| AgentError::Setup(format!("cannot become a child subreaper: {e}")))?;
+    let criu = Criu::locate().await?.with_log_level(cfg.criu_log_level);
+    let lazy = match cfg.lazy_restore {
+        LazyRestore::Never => false,
+        LazyRestore::Auto => criu.lazy_pages_supported().await,
+        LazyRestore::Always => {
+            if !criu.lazy_pages_supported().await {
+                return Err(AgentError::Setup(
+                    "lazy restore asked for, but CRIU's lazy_pages feature check fails here \
+                     (userfaultfd with non-cooperative events is needed)"
+                        .into(),
+                ));
+            }
+            true
+        }
+    };
+    for d in [&cfg.work_dir, &cfg.state_dir] {
+        crate::dirs::private_dir(d)
+            .map_err(|e| AgentError::Setup(format!("{}: {e}", d.display())))?;
+    }
+    let journal =
+        AgentJournal::open(&cfg.state_dir).map_err(|e| AgentError::Setup(e.to_string()))?;
+    let net = HostAddressMover::new().map_err(|e| AgentError::Setup(e.to_string()))?;
+    let metrics = Arc::new(AgentMetrics::default());
+    let metrics_server = match cfg.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::Setup(format!("cannot serve metrics on {addr}: {e}")))?;
+            info!(%addr, "serving metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+            )))
+        }
+        None => None,
+    };
+    let endpoint = transport::server(&identity, cfg.listen)?;
+    let shared = Arc::new(Shared {
+        machine: MachineConfig {
+            max_image_bytes: cfg.max_image_bytes,
+            timeouts: AgentTimeouts {
+                in_doubt: cfg.in_doubt_timeout,
+                ..Default::default()
+            },
+        },
+        ckpt: Arc::new(CriuTree::destination(criu.clone(), lazy)),
+        net: Arc::new(net),
+        journal: Arc::new(journal),
+        metrics,
+        tasks: Mutex::new(HashMap::new()),
+        busy: Mutex::new(HashSet::new()),
+        children: Arc::new(Mutex::new(Vec::new())),
+        lazy_fills: Mutex::new(Vec::new()),
+        cfg,
+    });
+    // Migrations an earlier agent left: each gets its task back.
+    let records = shared.journal.records();
+    if !records.is_empty() {
+        warn!(
+            n = records.len(),
+            "resuming migrations an earlier agent left unfinished"
+        );
+    }
+    for (id, record) in records {
+        shared.metrics.leftovers_undone_total.inc();
+        let m = AgentMachine::recover(
+            shared.machine,
+            record.service_addr,
+            record.phase,
+            Instant::now(),
+        );
+        spawn_task(&shared, id, m, record, None);
+    }
+    info!(
+        listen = %shared.cfg.listen,
+        criu = %criu.path().display(),
+        lazy_restore = lazy,
+        "agent ready"
+    );
+    let reaper = tokio::spawn(reap(shared.children.clone()));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    match incoming.await {
+                        Ok(conn) => handle_connection(shared, conn).await,
+                        // Includes peers without a certificate from our CA.
+                        Err(e) => {
+                            shared.metrics.connections_refused_total.inc();
+                            warn!(%remote, "refused connection: {e}");
+                        }
+                    }
+                });
+            }
+        }
+    }
+    endpoint.close(0u32.into(), b"agent shutting down");
+    // Migrations not in doubt undo themselves; those in doubt stay journaled for the next start.
+    let tasks: Vec<_> = lock(&shared.tasks).values().cloned().collect();
+    for t in &tasks {
+        let _ = t.send(TaskInput::Shutdown);
+    }
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_UNDO_WAIT;
+    while !lock(&shared.tasks).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Fills of committed lazy restores finish by themselves (their daemons are detached), but
+    // their image sets are removed only by the task that waits for them: give them a moment.
+    let fills: Vec<_> = std::mem::take(&mut *lock(&shared.lazy_fills))
+        .into_iter()
+        .filter(|f| !f.is_finished())
+        .collect();
+    if !fills.is_empty() {
+        info!(
+            n = fills.len(),
+            "waiting up to {} s for lazy restores to fill in memory",
+            LAZY_SHUTDOWN_WAIT.as_secs()
+        );
+        let deadline = tokio::time::Instant::now() + LAZY_SHUTDOWN_WAIT;
+        for f in fills {
+            if tokio::time::timeout_at(deadline, f).await.is_err() {
+                warn!(
+                    "a lazy restore is still filling in memory; its daemon carries on, its image \
+                     set stays in {}",
+                    shared.cfg.work_dir.display()
+                );
+            }
+        }
+    }
+    reaper.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
+    info!("agent stopped");
+    Ok(())
+}
+
+async fn reap(children: Arc<Mutex<Vec<i32>>>) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let mut list = lock(&children);
+        list.retain(|&pid| {
+            match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => true,
+                Ok(status) => {
+                    info!(pid, ?status, "restored service exited");
+                    false
+                }
+                Err(_) => false,
+            }
+        });
+    }
+}
+
+async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    let peer = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().map(tls::peer_name))
+        .unwrap_or_else(|| "unknown".into());
+    let remote = conn.remote_address();
+    info!(%remote, %peer, "authenticated peer connected");
+    let (send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(%remote, "peer left: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(%remote, "peer opened no stream");
+            return;
+        }
+    };
+    let mut tx = FrameSender(send);
+    let mut rx = FrameReceiver(recv);
+    let refuse = |code: ErrorCode, reason: String| FromAgent::Refused { code, reason };
+    let opening: ToAgent = match rx.message_within(OPEN_TIMEOUT, "hello").await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(%remote, "bad opening: {e}");
+            shared.metrics.ended(MetricOutcome::Refused);
+            let _ = tx.send(&refuse(ErrorCode::Protocol, e.to_string())).await;
+            finish(tx, conn).await;
+            return;
+        }
+    };
+    match opening {
+        ToAgent::Hello {
+            protocol,
+            migration_id,
+            service_addr,
+        } => {
+            let span = info_span!("migration", id = %migration_id, service = %service_addr, %peer);
+            let refused = if protocol != PROTOCOL {
+                Some(refuse(
+                    ErrorCode::Refused,
+                    format!("protocol {protocol} not supported (this agent speaks {PROTOCOL})"),
+                ))
+            } else if lock(&shared.tasks).contains_key(&migration_id)
+                || shared.journal.outcome(&migration_id).is_some()
+                || shared
+                    .journal
+                    .records()
+                    .iter()
+                    .any(|(i, _)| *i == migration_id)
+            {
+                Some(refuse(
+                    ErrorCode::Refused,
+                    format!("migration id {migration_id} was used before; ids are never reused"),
+                ))
+            } else if !lock(&shared.busy).insert(service_addr.addr()) {
+                Some(refuse(
+                    ErrorCode::Busy,
+                    format!("a migration of {service_addr} is already in progress here"),
+                ))
+            } else {
+                None
+            };
+            if let Some(r) = refused {
+                span.in_scope(|| info!("refused: {r:?}"));
+                shared.metrics.ended(MetricOutcome::Refused);
+                let _ = tx.send(&r).await;
+                finish(tx, conn).await;
+                return;
+            }
+            let images = shared.cfg.work_dir.join(migration_id.as_str());
+            let record = AgentRecord {
+                phase: AgentPhase::Claimed,
+                service_addr,
+                dev: String::new(),
+                block_table: format!("tether-{migration_id}"),
+                claimed: false,
+                images,
+                restored: None,
+                lazy_daemon: None,
+            };
+            let m = AgentMachine::new(shared.machine, service_addr, Instant::now());
+            let _g = span.enter();
+            spawn_task(&shared, migration_id, m, record, Some((conn, tx, rx)));
+        }
+        ToAgent::Resolve {
+            protocol,
+            migration_id,
+            decision,
+        } => {
+            let span = info_span!("resolve", id = %migration_id, ?decision, %peer);
+            async move {
+                let resolution = if protocol != PROTOCOL {
+                    Resolution::Aborted {
+                        reason: format!("protocol {protocol} not supported"),
+                    }
+                } else {
+                    resolve(&shared, &migration_id, decision).await
+                };
+                info!(?resolution, "resolve answered");
+                let _ = tx.send(&FromAgent::Resolved { resolution }).await;
+                finish(tx, conn).await;
+            }
+            .instrument(span)
+            .await
+        }
+        other => {
+            shared.metrics.ended(MetricOutcome::Refused);
+            let _ = tx
+                .send(&refuse(
+                    ErrorCode::Protocol,
+                    format!(
+                        "a connection opens with hello or resolve, not {}",
+                        other.name()
+                    ),
+                ))
+                .await;
+            finish(tx, conn).await;
+        }
+    }
+}
+
+async fn resolve(shared: &Shared, id: &MigrationId, decision: Decision) -> Resolution {
+    let task = lock(&shared.tasks).get(id).cloned();
+    if let Some(task) = task {
+        let (reply, answer) = oneshot::channel();
+        if task.send(TaskInput::Resolve(decision, reply)).is_ok() {
+            match tokio::time::timeout(RESOLVE_WAIT, answer).await {
+                Ok(Ok(r)) => return r,
+                Ok(Err(_)) => {}
+                Err(_) => return Resolution::Pending,
+            }
+        }
+    }
+    match shared.journal.outcome(id) {
+        Some(o) => o.resolution(),
+        None => Resolution::Aborted {
+            reason: "this agent knows no such migration".into(),
+        },
+    }
+}
+
+/// Finishes the stream and gives the last message time to leave before dropping the
+/// connection.
+async fn finish(mut tx: FrameSender, conn: quinn::Connection) {
+    let _ = tx.0.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+}
+
+fn spawn_task(
+    shared: &Arc<Shared>,
+    id: MigrationId,
+    machine: AgentMachine,
+    record: AgentRecord,
+    conn: Option<(quinn::Connection, FrameSender, FrameReceiver)>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    lock(&shared.tasks).insert(id.clone(), tx.clone());
+    shared.metrics.migrations_in_progress.add(1);
+    let shared = shared.clone();
+    tokio::spawn(
+        async move {
+            let addr = record.service_addr.addr();
+            let outcome =
+                Task::run(shared.clone(), id.clone(), machine, record, conn, tx, rx).await;
+            lock(&shared.tasks).remove(&id);
+            lock(&shared.busy).remove(&addr);
+            shared.metrics.migrations_in_progress.add(-1);
+            if let Some(o) = outcome {
+                shared.metrics.ended(o);
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+/// One migration on this host.
+struct Task {
+    shared: Arc<Shared>,
+    id: MigrationId,
+    record: AgentRecord,
+    tx: mpsc::UnboundedSender<TaskInput>,
+    /// The main connection's writer.
+    writer: Option<mpsc::UnboundedSender<Option<FromAgent>>>,
+    conn: Option<quinn::Connection>,
+    receiver: Option<Receiver>,
+    lazy: Option<crate::criu::lazy::LazyPages>,
+    replies: HashMap<u64, oneshot::Sender<Resolution>>,
+    next_request: u64,
+    failed: bool,
+}
+
+impl Task {
+    async fn run(
+        shared: Arc<Shared>,
+        id: MigrationId,
+        mut machine: AgentMachine,
+        record: AgentRecord,
+        conn: Option<(quinn::Connection, FrameSender, FrameReceiver)>,
+        tx: mpsc::UnboundedSender<TaskInput>,
+        mut rx: mpsc::UnboundedReceiver<TaskInput>,
+    ) -> Option<MetricOutcome> {
+        let mut task = Task {
+            shared,
+            id,
+            record,
+            tx,
+            writer: None,
+            conn: None,
+            receiver: None,
+            lazy: None,
+            replies: HashMap::new(),
+            next_request: 0,
+            failed: false,
+        };
+        if let Some((conn, send, recv)) = conn {
+            task.attach(conn, send, recv);
+        }
+        let mut stopping = false;
+        let mut hold = super::hold::TestHold::from_env();
+        loop {
+            super::hold::TestHold::at(&mut hold, machine.state_name(), false).await;
+            while let Some(a) = machine.poll_action() {
+                task.perform(a, &mut machine).await;
+            }
+            if machine.is_done() {
+                break;
+            }
+            super::hold::TestHold::at(&mut hold, machine.state_name(), true).await;
+            if stopping && machine.in_doubt() {
+                info!("agent stopping: the migration stays in doubt, journaled for the next start");
+                return None;
+            }
+            let deadline = machine.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(TaskInput::Frame(f)) => machine.handle(Instant::now(), AgentEvent::Frame(f)),
+                    Some(TaskInput::Lost(end)) => {
+                        task.writer = None;
+                        machine.handle(Instant::now(), AgentEvent::ConnectionLost(end));
+                    }
+                    Some(TaskInput::Resolve(decision, reply)) => {
+                        let request = task.next_request;
+                        task.next_request += 1;
+                        task.replies.insert(request, reply);
+                        machine.handle(Instant::now(), AgentEvent::Resolve { decision, request });
+                    }
+                    Some(TaskInput::Event(e)) => machine.handle(Instant::now(), e),
+                    Some(TaskInput::Shutdown) => {
+                        stopping = true;
+                        if !machine.in_doubt() {
+                            // The source will not get its answer from this agent: undo.
+                            task.writer = None;
+                            machine.handle(Instant::now(), AgentEvent::ConnectionLost(ConnectionEnd {
+                                reason: "the agent is stopping".into(),
+                                by_peer: true,
+                            }));
+                        }
+                    }
+                    None => break,
+                },
+                () = sleep => machine.handle(Instant::now(), AgentEvent::Tick),
+            }
+        }
+        let outcome = match machine.outcome() {
+            Some(AgentOutcome::Committed { .. }) => MetricOutcome::Committed,
+            Some(AgentOutcome::Refused { .. }) => MetricOutcome::Refused,
+            Some(AgentOutcome::Aborted { .. }) if task.failed => MetricOutcome::Failed,
+            _ => MetricOutcome::Undone,
+        };
+        Some(outcome)
+    }
+
+    fn attach(&mut self, conn: quinn::Connection, send: FrameSender, mut recv: FrameReceiver) {
+        let (wtx, mut wrx) = mpsc::unbounded_channel::<Option<FromAgent>>();
+        let mut send = send;
+        let c2 = conn.clone();
+        tokio::spawn(async move {
+            while let Some(m) = wrx.recv().await {
+                match m {
+                    Some(m) => {
+                        if send.send(&m).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => {
+                        // The last message: finish the stream, give it time to leave.
+                        let _ = send.0.finish();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), c2.closed()).await;
+                        c2.close(transport::DONE.into(), b"done");
+                        break;
+                    }
+                }
+            }
+        });
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let end = loop {
+                match recv.next().await {
+                    Ok(Some(f)) => {
+                        if tx.send(TaskInput::Frame(f)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break super::connection_end("source", None),
+                    Err(e) => break super::connection_end("source", Some(e)),
+                }
+            };
+            let _ = tx.send(TaskInput::Lost(end));
+        });
+        self.writer = Some(wtx);
+        self.conn = Some(conn);
+    }
+
+    fn event_sender(&self) -> impl Fn(AgentEvent) + Send + Clone + 'static {
+        let tx = self.tx.clone();
+        move |e| {
+            let _ = tx.send(TaskInput::Event(e));
+        }
+    }
+
+    fn save(&self) -> Result<(), PortError> {
+        self.shared.journal.save(&self.id, &self.record)
+    }
+
+    fn receiver(&mut self) -> Result<&mut Receiver, PortError> {
+        if self.receiver.is_none() {
+            self.receiver = Some(Receiver::new(
+                &self.record.images,
+                self.shared.cfg.max_image_bytes,
+                self.shared.metrics.clone(),
+            )?);
+        }
+        self.receiver
+            .as_mut()
+            .ok_or_else(|| PortError::new(ErrorCode::Internal, "no receiver"))
+    }
+
+    async fn perform(&mut self, action: AgentAction, machine: &mut AgentMachine) {
+        let now = Instant::now;
+        let emit = self.event_sender();
+        match action {
+            AgentAction::ChooseInterface => {
+                let net = self.shared.net.clone();
+                let svc = self.record.service_addr;
+                let explicit = self.shared.cfg.interface.clone();
+                tokio::spawn(async move {
+                    let r = net.check_free(svc, explicit.as_deref()).await;
+                    emit(AgentEvent::InterfaceChosen(r));
+                });
+            }
+            AgentAction::Send(m) => {
+                if let FromAgent::Ready { interface } = &m {
+                    self.record.dev = interface.clone();
+                }
+                if matches!(m, FromAgent::Failed { .. }) {
+                    self.failed = true;
+                }
+                if let Some(w) = &self.writer {
+                    let _ = w.send(Some(m));
+                }
+            }
+            AgentAction::Close => {
+                if let Some(w) = self.writer.take() {
+                    let _ = w.send(None);
+                }
+            }
+            AgentAction::Reply {
+                request,
+                resolution,
+            } => {
+                if let Some(r) = self.replies.remove(&request) {
+                    let _ = r.send(resolution);
+                }
+            }
+            AgentAction::Journal(phase) => {
+                self.record.phase = phase;
+                match phase {
+                    AgentPhase::Claimed => self.record.claimed = true,
+                    AgentPhase::Restoring { pid: Some(pid) }
+                    | AgentPhase::Prepared { pid }
+                    | AgentPhase::Committed { pid }
+                        if self.record.restored.is_none_or(|(p, _)| p != pid) =>
+                    {
+                        self.record.restored = process_start_time(pid).map(|s| (pid, s));
+                    }
+                    _ => {}
+                }
+                let r = self.save();
+                machine.handle(now(), AgentEvent::Completed(AgentStep::Journal, r));
+            }
+            AgentAction::Tombstone(outcome) => {
+                let r = self.shared.journal.end(&self.id, &outcome);
+                machine.handle(now(), AgentEvent::Completed(AgentStep::Tombstone, r));
+            }
+            AgentAction::Layout { owner, ranges } => {
+                if let Err(e) = self.receiver().and_then(|r| r.layout(owner, ranges)) {
+                    machine.handle(now(), AgentEvent::DataFailed(Phase::PreCopy, e));
+                }
+            }
+            AgentAction::StorePrecopy(batch) => {
+                if let Err(e) = self.receiver().and_then(|r| r.precopy(&batch)) {
+                    machine.handle(now(), AgentEvent::DataFailed(Phase::PreCopy, e));
+                }
+            }
+            AgentAction::Prepare { dev } => {
+                self.record.dev = dev.clone();
+                let net = self.shared.net.clone();
+                let (table, svc) = (self.record.block_table.clone(), self.record.service_addr);
+                tokio::spawn(async move {
+                    let r = net.claim(&table, svc, &dev).await;
+                    emit(AgentEvent::Prepared(r));
+                });
+            }
+            AgentAction::CreateFile { name, size } => {
+                if let Err(e) = self.receiver().and_then(|r| r.create_file(&name, size)) {
+                    machine.handle(now(), AgentEvent::DataFailed(Phase::Transfer, e));
+                }
+            }
+            AgentAction::WriteFile(chunk) => {
+                if let Err(e) = self.receiver().and_then(|r| r.write(&chunk)) {
+                    machine.handle(now(), AgentEvent::DataFailed(Phase::Transfer, e));
+                }
+            }
+            AgentAction::StartRebuild => {
+                if let Err(e) = self.receiver().and_then(Receiver::start_rebuild) {
+                    machine.handle(now(), AgentEvent::DataFailed(Phase::Transfer, e));
+                    return;
+                }
+                // The lazy-pages daemon reads the process tree from the image files, all here
+                // now, and has its start-up done before the restore.
+                match self.shared.ckpt.start_lazy(&self.record.images) {
+                    Ok(Some(d)) => {
+                        self.record.lazy_daemon = LazyServer::pid(&d);
+                        if let Err(e) = self.save() {
+                            warn!("cannot journal the lazy-pages daemon: {e}");
+                        }
+                        self.lazy = Some(d);
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!("no lazy restore this time: {e}"),
+                }
+            }
+            AgentAction::StoreFinal(batch) => {
+                if let Err(e) = self.receiver().and_then(|r| r.final_batch(batch)) {
+                    machine.handle(now(), AgentEvent::DataFailed(Phase::Transfer, e));
+                }
+            }
+            AgentAction::FinishRebuild => {
+                let r = match self.receiver() {
+                    Ok(r) => r.finish_rebuild().await,
+                    Err(e) => Err(e),
+                };
+                machine.handle(now(), AgentEvent::Rebuilt(r));
+            }
+            AgentAction::Restore => {
+                let mut lazy = self.lazy.is_some();
+                if let Some(d) = self.lazy.as_mut() {
+                    if let Err(e) = LazyServer::ready(d, LAZY_READY_TIMEOUT).await {
+                        warn!("restoring fully: {e}");
+                        lazy = false;
+                        self.lazy = None;
+                        self.record.lazy_daemon = None;
+                    }
+                }
+                let ckpt = self.shared.ckpt.clone();
+                let images = self.record.images.clone();
+                let children = self.shared.children.clone();
+                let on_pid = {
+                    let emit = emit.clone();
+                    move |pid: i32| emit(AgentEvent::RestoreStarted { pid })
+                };
+                let restore_duration = self.shared.metrics.clone();
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let r = ckpt.restore_stopped(&images, lazy, on_pid).await;
+                    restore_duration.restore_duration.observe(t.elapsed());
+                    if let Ok(info) = &r {
+                        lock(&children).push(info.pid);
+                    }
+                    emit(AgentEvent::Restored(r));
+                });
+            }
+            AgentAction::GoLive => {
+                let Some((pid, _)) = self.record.restored else {
+                    machine.handle(
+                        now(),
+                        AgentEvent::WentLive(Err(PortError::new(
+                            ErrorCode::Internal,
+                            "no restored copy is recorded",
+                        ))),
+                    );
+                    return;
+                };
+                // The service is ours now: nothing may kill its lazy-pages daemon any more.
+                if let Some(d) = self.lazy.as_mut() {
+                    LazyServer::detach(d);
+                }
+                let ckpt = self.shared.ckpt.clone();
+                let net = self.shared.net.clone();
+                let (table, addr, dev) = (
+                    self.record.block_table.clone(),
+                    self.record.service_addr.addr(),
+                    self.record.dev.clone(),
+                );
+                // What removes the image set once it is no longer read: the lazy-pages daemon's
+                // watcher when it has filled the memory in, else this task once the tree runs.
+                let images = std::mem::take(&mut self.record.images);
+                let cleanup = match (self.lazy.take(), self.record.lazy_daemon) {
+                    (Some(daemon), _) => Cleanup::Lazy(Box::new(daemon)),
+                    // A daemon an earlier agent started: watch it by its pid.
+                    (None, Some(pd)) => Cleanup::LazyPid(pd),
+                    (None, None) => Cleanup::Now,
+                };
+                let metrics = self.shared.metrics.clone();
+                let shared = self.shared.clone();
+                tokio::spawn(
+                    async move {
+                        // The tree runs first (still unreachable), then the block goes and the
+                        // LAN is told: a tree that cannot run is never exposed to clients.
+                        let r = async {
+                            ckpt.resume(pid)?;
+                            net.delete_table(&table).await?;
+                            if let Err(e) = net.announce(addr, &dev).await {
+                                warn!("cannot announce the service address: {e}");
+                            }
+                            Ok(())
+                        }
+                        .await;
+                        let ok = r.is_ok();
+                        emit(AgentEvent::WentLive(r));
+                        if !ok {
+                            // The undo that follows removes the images.
+                            return;
+                        }
+                        let fill = match cleanup {
+                            Cleanup::Lazy(daemon) => tokio::spawn(
+                                finish_lazy(*daemon, images, metrics).in_current_span(),
+                            ),
+                            Cleanup::LazyPid((p, s)) => tokio::spawn(
+                                async move {
+                                    let t = Instant::now();
+                                    while process_start_time(p) == Some(s)
+                                        && t.elapsed() < LAZY_FILL_TIMEOUT
+                                    {
+                                        tokio::time::sleep(Duration::from_millis(100)).await;
+                                    }
+                                    info!("the lazy-pages daemon of an earlier agent is done");
+                                    let _ = std::fs::remove_dir_all(&images);
+                                }
+                                .in_current_span(),
+                            ),
+                            Cleanup::Now => {
+                                let _ = std::fs::remove_dir_all(&images);
+                                return;
+                            }
+                        };
+                        let mut fills = lock(&shared.lazy_fills);
+                        fills.retain(|f| !f.is_finished());
+                        fills.push(fill);
+                    }
+                    .in_current_span(),
+                );
+            }
+            AgentAction::Undo => {
+                if let Some(r) = self.receiver.as_mut() {
+                    r.settle().await;
+                }
+                self.receiver = None;
+                let lazy = self.lazy.take();
+                let record = self.record.clone();
+                let ckpt = self.shared.ckpt.clone();
+                let net = self.shared.net.clone();
+                tokio::spawn(async move {
+                    undo(&record, ckpt.as_ref(), net.as_ref(), lazy).await;
+                    emit(AgentEvent::Undone);
+                });
+            }
+            AgentAction::CheckCopy => {
+                // A lazily restored copy whose daemon died half-way would read zeros where its
+                // memory never came: it must not run (see `restored_intact`).
+                let ckpt = self.shared.ckpt.clone();
+                let (restored, lazy) = (self.record.restored, self.record.lazy_daemon);
+                let images = self.record.images.clone();
+                tokio::spawn(async move {
+                    let intact = match restored {
+                        Some((p, s)) => ckpt.restored_intact(p, s, lazy, &images).await,
+                        None => false,
+                    };
+                    emit(AgentEvent::CopyAlive(intact));
+                });
+            }
+        }
+    }
+}
+
+/// What removes a committed migration's image set.
+enum Cleanup {
+    /// The lazy-pages daemon's watcher, once it filled the memory in.
+    Lazy(Box<crate::criu::lazy::LazyPages>),
+    /// A watcher of an earlier agent's daemon, by pid and start time.
+    LazyPid((i32, u64)),
+    /// Nothing reads it any more.
+    Now,
+}
+
+/// Undoes everything of a migration on this host: kills a restored copy, then its lazy-pages
+/// daemon (in that order: a live copy whose daemon is gone reads zeros where its memory has not
+/// come yet), removes the address, lifts the block, removes the images.
+///
+/// The address goes before the block: a block lifted while the address is still local lets
+/// packets reach whatever else listens on the service's port here (or no socket at all), which
+/// answers with a reset and kills the very connections the rollback keeps on the source.
+/// Without the address, this host drops them and they are retransmitted toward the source.
+async fn undo<C: Checkpointer, N: AddressMover>(
+    record: &AgentRecord,
+    ckpt: &C,
+    net: &N,
+    lazy: Option<crate::criu::lazy::LazyPages>,
+) {
+    if let Some((pid, start)) = record.restored {
+        if ckpt.kill(pid, start) {
+            info!(pid, "killed the restored copy");
+        }
+    }
+    drop(lazy);
+    if let Some((pid, start)) = record.lazy_daemon {
+        if ckpt.kill(pid, start) {
+            info!(pid, "killed the lazy-pages daemon");
+        }
+    }
+    if record.claimed {
+        if let Err(e) = net.remove(record.service_addr, &record.dev).await {
+            error!(
+                "cannot remove {} from {}: {e}",
+                record.service_addr, record.dev
+            );
+        }
+        if let Err(e) = net.delete_table(&record.block_table).await {
+            error!("cannot lift the block {}: {e}", record.block_table);
+        }
+    }
+    if !record.images.as_os_str().is_empty() {
+        let _ = std::fs::remove_dir_all(&record.images);
+    }
+    info!("destination side undone");
+}
+
+/// After a lazily restored service is committed: waits for its (detached) lazy-pages daemon to
+/// put every page in place, then removes the image set it read from. A daemon that takes longer
+/// than [`LAZY_FILL_TIMEOUT`] is reported and waited for, never killed.
+async fn finish_lazy(
+    mut daemon: crate::criu::lazy::LazyPages,
+    images: PathBuf,
+    metrics: Arc<AgentMetrics>,
+) {
+    let result = match tokio::time::timeout(LAZY_FILL_TIMEOUT, daemon.wait()).await {
+        Ok(r) => r,
+        Err(_) => {
+            metrics.lazy_failures_total.inc();
+            error!(
+                "lazy restore still filling memory after {} s; waiting on",
+                LAZY_FILL_TIMEOUT.as_secs()
+            );
+            daemon.wait().await
+        }
+    };
+    match result {
+        Ok(took) => {
+            metrics.lazy_fill_duration.observe(took);
+            info!(
+                ms = took.as_secs_f64() * 1e3,
+                "lazy restore done: all memory in place"
+            );
+        }
+        Err(e) => {
+            metrics.lazy_failures_total.inc();
+            // The service may now read zeros where its memory never came: say so loudly.
+            error!("lazy restore did not complete; the restored service may be broken: {e}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&images);
+}

@@ -1,0 +1,235 @@
+//! The agent's data plane for one migration: pre-copied pages into the page store, image files
+//! into the images directory, and the rebuild of CRIU's page files from the store plus the final
+//! difference. The agent machine decides what may come when; this only stores it, within the
+//! bounds, and says what failed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use crate::criu::pages::{self, MemoryImages, Owner};
+use crate::criu::rebuild::PagesDraft;
+use crate::machine::PortError;
+use crate::metrics::AgentMetrics;
+use crate::pagestore::{merge_ranges, PageStore};
+use crate::protocol::{ErrorCode, PageBatch};
+
+fn data(what: &str, e: impl std::fmt::Display) -> PortError {
+    PortError::new(ErrorCode::Protocol, format!("{what}: {e}"))
+}
+
+fn storage(what: &str, e: std::io::Error) -> PortError {
+    PortError::caused(ErrorCode::Storage, what, e)
+}
+
+type DraftResult = (Result<PagesDraft, pages::PagesError>, Duration);
+
+/// One migration's received pages and files.
+#[derive(Debug)]
+pub struct Receiver {
+    dir: PathBuf,
+    store: Option<PageStore>,
+    file: Option<(PathBuf, std::fs::File)>,
+    /// From `FinalPages` on: the dump's page maps and the rebuild writing the held pages.
+    images: Option<MemoryImages>,
+    draft: Option<tokio::task::JoinHandle<DraftResult>>,
+    final_pages: Vec<(Owner, PageBatch)>,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl Receiver {
+    /// A receiver writing into `dir` (created, private), storing at most `max_bytes` of pages.
+    pub fn new(
+        dir: &Path,
+        max_bytes: u64,
+        metrics: Arc<AgentMetrics>,
+    ) -> Result<Receiver, PortError> {
+        crate::dirs::private_dir(dir)
+            .map_err(|e| storage(&format!("cannot create {}", dir.display()), e))?;
+        Ok(Receiver {
+            dir: dir.to_path_buf(),
+            store: Some(PageStore::new(max_bytes)),
+            file: None,
+            images: None,
+            draft: None,
+            final_pages: Vec::new(),
+            metrics,
+        })
+    }
+
+    /// The images directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Pre-copy: an owner's memory ranges.
+    pub fn layout(&mut self, owner: u64, ranges: Vec<(u64, u64)>) -> Result<(), PortError> {
+        let store = self
+            .store
+            .as_mut()
+            .ok_or_else(|| data("layout", "after the final pages"))?;
+        store.announce(owner, ranges).map_err(|e| data("layout", e))
+    }
+
+    /// Pre-copy: a page batch.
+    pub fn precopy(&mut self, batch: &PageBatch) -> Result<(), PortError> {
+        let n = batch.pages.len() as u64;
+        let store = self
+            .store
+            .as_mut()
+            .ok_or_else(|| data("pages", "after the final pages"))?;
+        store.apply(batch).map_err(|e| data("pre-copy pages", e))?;
+        self.metrics.precopy_pages_total.add(n);
+        self.metrics
+            .received_bytes_total
+            .add(n * crate::protocol::PAGE as u64);
+        Ok(())
+    }
+
+    /// Creates the next image file.
+    pub fn create_file(&mut self, name: &str, size: u64) -> Result<(), PortError> {
+        if pages::is_pages_file(name) {
+            return Err(data(
+                "image files",
+                format!("page data file {name} sent as a file"),
+            ));
+        }
+        if crate::criu::lazy::is_daemon_file(name) {
+            return Err(data(
+                "image files",
+                format!("{name} is the lazy-pages daemon's own file, not an image"),
+            ));
+        }
+        let path = self.dir.join(name);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| storage(&format!("cannot create {}", path.display()), e))?;
+        self.metrics.received_bytes_total.add(size);
+        self.file = Some((path, f));
+        Ok(())
+    }
+
+    /// Appends to the current image file (the directory is on tmpfs: a write is a memory copy).
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), PortError> {
+        let (path, f) = self
+            .file
+            .as_mut()
+            .ok_or_else(|| data("file data", "without a file"))?;
+        f.write_all(chunk)
+            .map_err(|e| storage(&format!("writing {}", path.display()), e))
+    }
+
+    /// The page maps are in: the final difference may carry pages of the dump's page maps only.
+    /// Starts writing CRIU's page files from the held pages on a blocking thread, while the
+    /// source still compares its dump.
+    pub fn start_rebuild(&mut self) -> Result<(), PortError> {
+        self.file = None;
+        let images = MemoryImages::load(&self.dir).map_err(|e| data("the dump's page maps", e))?;
+        let mut store = self
+            .store
+            .take()
+            .ok_or_else(|| data("final pages", "twice"))?;
+        for map in &images.maps {
+            let ranges = merge_ranges(
+                map.entries
+                    .iter()
+                    .filter(|e| e.has_data())
+                    .map(|e| (e.vaddr, e.end())),
+            );
+            store
+                .announce(map.owner.code(), ranges)
+                .map_err(|e| data("page maps", e))?;
+        }
+        let (maps, dir) = (images.clone(), self.dir.clone());
+        self.draft = Some(tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let d = maps.draft_pages(&dir, |owner, vaddr| store.get(owner.code(), vaddr));
+            (d, t.elapsed())
+        }));
+        self.images = Some(images);
+        Ok(())
+    }
+
+    /// A batch of the final difference, checked against the dump's page maps.
+    pub fn final_batch(&mut self, batch: PageBatch) -> Result<(), PortError> {
+        let images = self
+            .images
+            .as_ref()
+            .ok_or_else(|| data("final pages", "before the page maps"))?;
+        let owner = Owner::from_code(batch.owner)
+            .ok_or_else(|| data("final pages", format!("bad page owner {:#x}", batch.owner)))?;
+        if let Some((a, _)) = batch
+            .pages
+            .iter()
+            .find(|(a, _)| !images.has_data_at(owner, *a))
+        {
+            return Err(data(
+                "final pages",
+                format!("final page {a:#x} of {owner} is not in the dump's page map"),
+            ));
+        }
+        let n = batch.pages.len() as u64;
+        self.metrics.final_pages_total.add(n);
+        self.metrics
+            .received_bytes_total
+            .add(n * crate::protocol::PAGE as u64);
+        self.final_pages.push((owner, batch));
+        Ok(())
+    }
+
+    /// Completes CRIU's page files with the final difference; a page the dump needs and nobody
+    /// sent fails here.
+    pub async fn finish_rebuild(&mut self) -> Result<(), PortError> {
+        let t = Instant::now();
+        let task = self
+            .draft
+            .take()
+            .ok_or_else(|| data("images done", "before the final pages"))?;
+        let (drafted, draft_time) = task.await.map_err(|e| {
+            PortError::new(
+                ErrorCode::Internal,
+                format!("the rebuild thread failed: {e}"),
+            )
+        })?;
+        let mut drafted =
+            drafted.map_err(|e| PortError::caused(ErrorCode::Storage, "rebuild", e))?;
+        let waited = t.elapsed();
+        self.metrics.rebuild_wait_duration.observe(waited);
+        let pages = std::mem::take(&mut self.final_pages);
+        let totals = tokio::task::spawn_blocking(move || {
+            for (owner, b) in &pages {
+                drafted.patch(*owner, b.pages.iter().map(|(a, p)| (*a, p.as_deref())))?;
+            }
+            drafted.finish()
+        })
+        .await
+        .map_err(|e| {
+            PortError::new(
+                ErrorCode::Internal,
+                format!("the rebuild thread failed: {e}"),
+            )
+        })?
+        .map_err(|e| PortError::new(ErrorCode::Protocol, format!("rebuild: {e}")))?;
+        info!(
+            ?totals,
+            draft_ms = draft_time.as_secs_f64() * 1e3,
+            waited_ms = waited.as_secs_f64() * 1e3,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "page data rebuilt"
+        );
+        Ok(())
+    }
+
+    /// Waits for a rebuild thread still writing into the directory (before it is removed).
+    pub async fn settle(&mut self) {
+        if let Some(d) = self.draft.take() {
+            let _ = d.await;
+        }
+        self.file = None;
+    }
+}

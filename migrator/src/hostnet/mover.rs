@@ -1,0 +1,102 @@
+//! [`HostAddressMover`]: the [`AddressMover`] port over [`HostNet`] and the raw gratuitous ARP.
+
+use std::net::Ipv4Addr;
+
+use super::{HostNet, NetError, ServiceAddr};
+use crate::machine::PortError;
+use crate::ports::AddressMover;
+use crate::protocol::ErrorCode;
+
+/// The service address on this host (the network namespace of the thread that created it).
+#[derive(Debug, Clone)]
+pub struct HostAddressMover {
+    net: HostNet,
+}
+
+impl HostAddressMover {
+    /// The mover of the calling thread's network namespace (inside a tokio runtime).
+    pub fn new() -> Result<HostAddressMover, NetError> {
+        Ok(HostAddressMover {
+            net: HostNet::new()?,
+        })
+    }
+
+    /// The netlink handle underneath.
+    pub fn net(&self) -> &HostNet {
+        &self.net
+    }
+}
+
+fn net_err(what: &str) -> impl FnOnce(NetError) -> PortError + '_ {
+    move |e| {
+        let code = match &e {
+            NetError::AddressInUse { .. } => ErrorCode::AddressInUse,
+            NetError::NoInterface(_) => ErrorCode::NoInterface,
+            _ => ErrorCode::HostNetwork,
+        };
+        PortError::caused(code, what, e)
+    }
+}
+
+impl AddressMover for HostAddressMover {
+    async fn check_free(
+        &self,
+        svc: ServiceAddr,
+        explicit: Option<&str>,
+    ) -> Result<String, PortError> {
+        self.net
+            .choose_interface(svc, explicit)
+            .await
+            .map_err(net_err("the service address"))
+    }
+
+    async fn interface_of(&self, addr: Ipv4Addr) -> Result<Option<String>, PortError> {
+        self.net
+            .interface_of(addr)
+            .await
+            .map_err(net_err("reading this host's addresses"))
+    }
+
+    async fn claim(&self, table: &str, svc: ServiceAddr, dev: &str) -> Result<(), PortError> {
+        // Blocked first: the address never answers here before the commit.
+        self.net
+            .block(table, svc.addr(), dev)
+            .await
+            .map_err(net_err("blocking the service address"))?;
+        self.net
+            .add_address(svc, dev)
+            .await
+            .map_err(net_err("adding the service address"))
+    }
+
+    async fn add(&self, svc: ServiceAddr, dev: &str) -> Result<(), PortError> {
+        self.net
+            .add_address(svc, dev)
+            .await
+            .map_err(net_err("adding the service address"))
+    }
+
+    async fn remove(&self, svc: ServiceAddr, dev: &str) -> Result<(), PortError> {
+        self.net
+            .remove_address(svc, dev)
+            .await
+            .map_err(net_err("removing the service address"))
+    }
+
+    async fn delete_table(&self, table: &str) -> Result<(), PortError> {
+        self.net
+            .delete_table(table)
+            .await
+            .map_err(net_err("deleting a table"))
+    }
+
+    async fn announce(&self, addr: Ipv4Addr, dev: &str) -> Result<(), PortError> {
+        let link = self
+            .net
+            .link(dev)
+            .await
+            .map_err(net_err("announcing the service address"))?;
+        link.announce(addr)
+            .map_err(net_err("announcing the service address"))
+    }
+}

@@ -1,0 +1,181 @@
+//! Identifiers and constants of a migration: its id, the service address, the page size.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Size of a memory page.
+pub const PAGE: usize = 4096;
+
+/// A migration identifier: 1 to 40 characters of `[A-Za-z0-9-]`. It names the migration in logs,
+/// reports, journals and directories on both hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MigrationId(String);
+
+impl MigrationId {
+    /// A fresh random identifier (`m` and 16 hex digits).
+    pub fn random() -> MigrationId {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS's randomness per process; mixing in the time and
+        // pid keeps two ids of one process apart.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u32(std::process::id());
+        MigrationId(format!("m{:016x}", h.finish()))
+    }
+
+    /// The identifier.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for MigrationId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if !s.is_empty()
+            && s.len() <= 40
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            Ok(MigrationId(s))
+        } else {
+            Err(format!(
+                "invalid migration id {s:?} (1-40 characters of A-Z, a-z, 0-9, -)"
+            ))
+        }
+    }
+}
+
+impl FromStr for MigrationId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        MigrationId::try_from(s.to_string())
+    }
+}
+
+impl From<MigrationId> for String {
+    fn from(m: MigrationId) -> String {
+        m.0
+    }
+}
+
+impl fmt::Display for MigrationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An IPv4 address with its prefix length, e.g. `10.77.0.100/24`: the address a service keeps
+/// across its moves (CRIU restores TCP sockets with their original addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServiceAddr {
+    addr: Ipv4Addr,
+    prefix: u8,
+}
+
+impl ServiceAddr {
+    /// The address.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `other` lies in this address's subnet.
+    pub fn contains(&self, other: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        };
+        u32::from(self.addr) & mask == u32::from(other) & mask
+    }
+}
+
+impl fmt::Display for ServiceAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for ServiceAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not IPv4/PREFIX (e.g. 10.77.0.100/24)"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| (1..=32).contains(p))
+            .ok_or_else(|| format!("`{p}` is not a prefix length 1..=32"))?;
+        if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() || addr.is_broadcast()
+        {
+            return Err(format!("{addr} cannot be a service address"));
+        }
+        Ok(ServiceAddr { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for ServiceAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<ServiceAddr> for String {
+    fn from(a: ServiceAddr) -> String {
+        a.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_service_addresses() {
+        let a: ServiceAddr = "10.77.0.100/24".parse().expect("valid");
+        assert_eq!(a.addr(), Ipv4Addr::new(10, 77, 0, 100));
+        assert_eq!(a.prefix(), 24);
+        assert_eq!(a.to_string(), "10.77.0.100/24");
+        assert!(a.contains(Ipv4Addr::new(10, 77, 0, 3)));
+        assert!(!a.contains(Ipv4Addr::new(10, 78, 0, 3)));
+        for bad in [
+            "10.77.0.100",
+            "10.77.0.100/33",
+            "10.77.0.100/0",
+            "x/24",
+            "127.0.0.1/8",
+            "0.0.0.0/8",
+            "224.0.0.1/4",
+        ] {
+            assert!(bad.parse::<ServiceAddr>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn migration_ids_are_checked() {
+        assert!("m0123-abc".parse::<MigrationId>().is_ok());
+        for bad in ["", "../x", "a b", &"x".repeat(41)] {
+            assert!(bad.parse::<MigrationId>().is_err(), "{bad:?}");
+        }
+        assert_ne!(MigrationId::random(), MigrationId::random());
+    }
+}
