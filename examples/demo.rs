@@ -1,8 +1,8 @@
 //! The seamless-handover demo: a stateful service with live TCP and QUIC clients is moved
 //! src -> dst -> src with CRIU (iterative pre-copy, then a short stop-and-copy) while the clients
 //! verify every reply. One set of clients goes through tether-proxy, which pauses the flows
-//! before the freeze and releases them on the restore; another talks to the service directly,
-//! for comparison. Prints one row per move.
+//! before the freeze and releases them once the destination confirms that the service runs
+//! there; another talks to the service directly, for comparison. Prints one row per move.
 //!
 //! Run as root after `scripts/setup.sh` (the README's `scripts/demo.sh` does both):
 //! `cargo run --release --example demo -- [--state-mb N] [--dirty-pages-per-sec R] ...`
@@ -74,12 +74,12 @@ fn main() -> anyhow::Result<()> {
         s.proxy_addr()
     );
     println!(
-        "{:<11} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>6} {:>6}",
-        "move", "rounds", "precopy", "final", "downtime", "dump", "transfer", "restore", "proxy tcp", "proxy quic", "direct tcp", "direct quic", "errors", "state"
+        "{:<11} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>9} {:>8} {:>11} {:>11} {:>11} {:>11} {:>6} {:>6}",
+        "move", "rounds", "precopy", "final", "downtime", "dump", "transfer", "restore", "commit", "proxy tcp", "proxy quic", "direct tcp", "direct quic", "errors", "state"
     );
     println!(
-        "{:<11} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>6} {:>6}",
-        "", "", "MiB", "MiB", "ms", "ms", "ms", "ms", "stall ms", "stall ms", "stall ms", "stall ms", "", ""
+        "{:<11} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>9} {:>8} {:>11} {:>11} {:>11} {:>11} {:>6} {:>6}",
+        "", "", "MiB", "MiB", "ms", "ms", "ms", "ms", "ms", "stall ms", "stall ms", "stall ms", "stall ms", "", ""
     );
     let mut failures = 0;
     let via_proxy = s.proxy_addr();
@@ -133,7 +133,7 @@ fn main() -> anyhow::Result<()> {
             .map_or(0, |f| f.bytes);
         let t = &report.timings;
         println!(
-            "{:<11} {:>6} {:>9.1} {:>8.2} {:>9.1} {:>8.1} {:>10.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>6} {:>6}",
+            "{:<11} {:>6} {:>9.1} {:>8.2} {:>9.1} {:>8.1} {:>10.1} {:>9.1} {:>8.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>6} {:>6}",
             format!("{from} -> {to}"),
             report.precopy.rounds.len(),
             mib(pre as f64),
@@ -142,6 +142,7 @@ fn main() -> anyhow::Result<()> {
             t.dump_ms,
             t.transfer_ms,
             t.restore_ms,
+            t.commit_ms,
             p.tcp.max_stall_ms,
             p.quic.max_stall_ms,
             d.tcp.max_stall_ms,
@@ -155,7 +156,9 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "\nprecopy: bytes sent while the service ran; final: bytes sent while it was frozen; downtime: \
-         from letting CRIU freeze the service to running on the destination, as seen by the source; stall: longest wait for a reply \
+         from letting CRIU freeze the service to the destination's confirmation that it runs there, as seen by the source; \
+         restore: the destination's restore (left stopped); commit: from its report to that confirmation (ending the \
+         source copy, the commit's round trip, the destination lifting its block); stall: longest wait for a reply \
          on any client connection (includes the 1 ms pause between requests)."
     );
     drop(s);

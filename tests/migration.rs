@@ -28,6 +28,14 @@ fn tcp_service_with_16_connections_moves_src_dst_src() {
     let back = s.migrate(Host::Src).expect("dst -> src");
     s.verify_state().expect("state verifies back on src");
     let r = clients.finish().expect("client report");
+    for (what, r) in [("there", &there), ("back", &back)] {
+        let t = &r.timings;
+        println!(
+            "{what}: restore {:.1} ms, commit {:.1} ms (commit sent after {:.1} ms, destination \
+             live {:.1} ms after it)",
+            t.restore_ms, t.commit_ms, t.commit_sent_ms, t.go_live_ms
+        );
+    }
     println!(
         "downtime {:.1} ms and {:.1} ms; client max stall {:.1} ms; {} requests, {} bytes verified",
         there.timings.downtime_ms,

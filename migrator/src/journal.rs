@@ -1,6 +1,6 @@
 //! The [`Journal`] on a local directory: one JSON file per migration in flight
-//! (`<id>.json`), one per ended migration (`<id>.outcome.json`), written to a temporary file,
-//! synced and renamed into place, so that a record is either whole or absent.
+//! (`<id>.json`), one per ended migration (`<id>.outcome.json`), written to a temporary file and
+//! renamed into place, so that a record is either whole or absent.
 
 use std::fs::File;
 use std::io::Write;
@@ -57,9 +57,10 @@ impl<R, O> FileJournal<R, O> {
         let tmp = path.with_extension("tmp");
         let mut f = File::create(&tmp).map_err(storage("cannot write", &tmp))?;
         f.write_all(body).map_err(storage("cannot write", &tmp))?;
-        // A record guards against a crash of the process; syncing it also guards against one of
-        // the machine, for the records that outlive it (the directory is on disk, not tmpfs).
-        f.sync_data().map_err(storage("cannot sync", &tmp))?;
+        // Not synced: a record guards against a crash of the process, which the page cache
+        // survives; a crash of the machine takes what the record is about with it (the frozen or
+        // restored copy, the image sets on tmpfs). Two of these writes are on the commit's
+        // critical path, where an fsync cost milliseconds.
         std::fs::rename(&tmp, path).map_err(storage("cannot rename into", path))
     }
 

@@ -71,10 +71,16 @@ pub struct Timings {
     pub transfer_ms: f64,
     /// On the destination: from all images received to the restored (stopped) tree.
     pub restore_ms: f64,
-    /// From the restore report to the agent's confirmation that the service runs there: ending
-    /// the source copy, the `Commit` round trip, the destination lifting its block and
+    /// From the restore report to the agent's confirmation that the service runs there: the
+    /// commit answer to CRIU, the `Commit` round trip, the destination lifting its block and
     /// resuming the tree.
     pub commit_ms: f64,
+    /// Of which: from the restore report to `Commit` leaving (journal, CRIU's answer).
+    #[serde(default)]
+    pub commit_sent_ms: f64,
+    /// Of which: the destination's time from `Commit` to the running, reachable service.
+    #[serde(default)]
+    pub go_live_ms: f64,
     /// The service is stopped: from letting CRIU freeze the tree to the confirmation that it
     /// runs on the destination (as seen by the source, so it includes one network delay). An
     /// upper bound: the tree stops within CRIU's freezing time after the start.

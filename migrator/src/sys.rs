@@ -31,30 +31,32 @@ pub fn pass_fd(cmd: &mut std::process::Command, fd: BorrowedFd<'_>, target: RawF
     }
 }
 
-/// Sends one gratuitous ARP request (sender and target protocol address both `ip`) for `ip`
-/// from interface `ifindex` with hardware address `mac`, to the Ethernet broadcast address.
-/// Linux peers update an existing neighbour entry for `ip` from it at once.
-pub fn send_gratuitous_arp(
-    ifindex: u32,
-    mac: [u8; 6],
-    ip: std::net::Ipv4Addr,
-) -> std::io::Result<()> {
+/// A send-only packet socket (protocol 0: no receive hook) in the calling thread's network
+/// namespace, for [`send_gratuitous_arp_on`]. Keep it open: closing a packet socket waits for an RCU
+/// grace period (the kernel's `packet_release` calls `synchronize_net`), 7-19 ms here.
+pub fn packet_socket() -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{FromRawFd, OwnedFd};
-    const ETH_P_ARP: u16 = 0x0806;
-    let frame = gratuitous_arp_frame(mac, ip);
     // SAFETY: plain socket(2) call; the returned descriptor is checked and then owned.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(ETH_P_ARP.to_be()),
-        )
-    };
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Sends one gratuitous ARP request (sender and target protocol address both `ip`) for `ip`
+/// from interface `ifindex` with hardware address `mac`, to the Ethernet broadcast address,
+/// through the packet socket `fd`. Linux peers update an existing neighbour entry for `ip` from
+/// it at once.
+pub fn send_gratuitous_arp_on(
+    fd: BorrowedFd<'_>,
+    ifindex: u32,
+    mac: [u8; 6],
+    ip: std::net::Ipv4Addr,
+) -> std::io::Result<()> {
+    const ETH_P_ARP: u16 = 0x0806;
+    let frame = gratuitous_arp_frame(mac, ip);
     // SAFETY: sockaddr_ll is plain old data; all-zero is a valid starting value.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;

@@ -159,6 +159,7 @@ impl Criu {
             requested,
             frozen: false,
             at: None,
+            committed: false,
         })
     }
 
@@ -259,6 +260,8 @@ pub struct DumpSession {
     frozen: bool,
     /// The point CRIU waits at for our answer, if any.
     at: Option<DumpPoint>,
+    /// Post-dump was answered with success.
+    committed: bool,
 }
 
 impl DumpSession {
@@ -303,16 +306,27 @@ impl DumpSession {
         self.requested.elapsed()
     }
 
-    /// Commits a dump held at [`DumpPoint::Dumped`]: CRIU kills the tree. Its connections stay
-    /// locked (CRIU's nftables table remains until the caller removes it) so that the peers see
-    /// no reset.
-    pub async fn commit(mut self) -> Result<(), CriuError> {
+    /// Answers post-dump with success, on a dump held at [`DumpPoint::Dumped`]: CRIU kills the
+    /// tree. From here on it cannot come back: CRIU unlocks the network only on a failed answer,
+    /// so its connections stay locked (CRIU's nftables table remains until the caller removes
+    /// it) whatever CRIU does next.
+    pub async fn answer_commit(&mut self) -> Result<(), CriuError> {
         if self.at.take() != Some(DumpPoint::Dumped) {
             return Err(CriuError::Protocol(
                 "commit of a dump that is not held at post-dump".into(),
             ));
         }
-        self.worker.answer_notify(true).await?;
+        self.committed = true;
+        self.worker.answer_notify(true).await
+    }
+
+    /// After [`answer_commit`](Self::answer_commit): waits until CRIU has ended the tree.
+    pub async fn commit(self) -> Result<(), CriuError> {
+        if !self.committed {
+            return Err(CriuError::Protocol(
+                "commit before the commit answer".into(),
+            ));
+        }
         let resp = wait_done(&self.worker).await;
         self.worker.finish().await;
         let resp = resp?;

@@ -92,6 +92,13 @@ impl Dump for TreeDump {
         }
     }
 
+    async fn answer_commit(&mut self) -> Result<(), PortError> {
+        self.session
+            .answer_commit()
+            .await
+            .map_err(criu_err("answering CRIU's post-dump"))
+    }
+
     async fn commit(self) -> Result<DumpEnd, PortError> {
         let TreeDump {
             session,
@@ -297,6 +304,10 @@ impl Checkpointer for CriuTree {
 
     fn alive(&self, pid: i32, start: u64) -> bool {
         process_start_time(pid) == Some(start)
+    }
+
+    fn start_time(&self, pid: i32) -> Option<u64> {
+        process_start_time(pid)
     }
 
     async fn restored_intact(

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::receive::Receiver;
 use crate::criu::tree::{process_start_time, CriuTree};
@@ -144,13 +144,26 @@ enum TaskInput {
     Shutdown,
 }
 
+/// The ports an agent works with.
+#[derive(Debug)]
+pub struct AgentPorts<C, N, J> {
+    /// Restores (CRIU, or a fake).
+    pub ckpt: Arc<C>,
+    /// The host's network (or a fake).
+    pub net: Arc<N>,
+    /// The journal of migrations in flight and outcomes.
+    pub journal: Arc<J>,
+    /// The agent's metrics.
+    pub metrics: Arc<AgentMetrics>,
+}
+
 /// Shared agent state.
-struct Shared {
+struct Shared<C: Checkpointer, N, J> {
     cfg: AgentConfig,
     machine: MachineConfig,
-    ckpt: Arc<CriuTree>,
-    net: Arc<HostAddressMover>,
-    journal: Arc<AgentJournal>,
+    ckpt: Arc<C>,
+    net: Arc<N>,
+    journal: Arc<J>,
     metrics: Arc<AgentMetrics>,
     /// Migrations with a task, by id.
     tasks: Mutex<HashMap<MigrationId, mpsc::UnboundedSender<TaskInput>>>,
@@ -162,7 +175,7 @@ struct Shared {
     lazy_fills: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-impl std::fmt::Debug for Shared {
+impl<C: Checkpointer, N, J> std::fmt::Debug for Shared<C, N, J> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared").finish_non_exhaustive()
     }
@@ -219,6 +232,39 @@ pub async fn run(
         None => None,
     };
     let endpoint = transport::server(&identity, cfg.listen)?;
+    info!(
+        listen = %cfg.listen,
+        criu = %criu.path().display(),
+        lazy_restore = lazy,
+        "agent ready"
+    );
+    let ports = AgentPorts {
+        ckpt: Arc::new(CriuTree::destination(criu, lazy)),
+        net: Arc::new(net),
+        journal: Arc::new(journal),
+        metrics,
+    };
+    let served = serve(cfg, ports, endpoint, shutdown).await;
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
+    info!("agent stopped");
+    served
+}
+
+/// Serves migrations on `endpoint` with `ports` until `shutdown` completes: first resumes the
+/// migrations `ports.journal` holds, then accepts connections.
+pub async fn serve<C, N, J>(
+    cfg: AgentConfig,
+    ports: AgentPorts<C, N, J>,
+    endpoint: quinn::Endpoint,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError>
+where
+    C: Checkpointer,
+    N: AddressMover,
+    J: Journal<AgentRecord, AgentOutcome>,
+{
     let shared = Arc::new(Shared {
         machine: MachineConfig {
             max_image_bytes: cfg.max_image_bytes,
@@ -227,10 +273,10 @@ pub async fn run(
                 ..Default::default()
             },
         },
-        ckpt: Arc::new(CriuTree::destination(criu.clone(), lazy)),
-        net: Arc::new(net),
-        journal: Arc::new(journal),
-        metrics,
+        ckpt: ports.ckpt,
+        net: ports.net,
+        journal: ports.journal,
+        metrics: ports.metrics,
         tasks: Mutex::new(HashMap::new()),
         busy: Mutex::new(HashSet::new()),
         children: Arc::new(Mutex::new(Vec::new())),
@@ -255,12 +301,6 @@ pub async fn run(
         );
         spawn_task(&shared, id, m, record, None);
     }
-    info!(
-        listen = %shared.cfg.listen,
-        criu = %criu.path().display(),
-        lazy_restore = lazy,
-        "agent ready"
-    );
     let reaper = tokio::spawn(reap(shared.children.clone()));
     tokio::pin!(shutdown);
     loop {
@@ -317,10 +357,6 @@ pub async fn run(
         }
     }
     reaper.abort();
-    if let Some(m) = metrics_server {
-        m.abort();
-    }
-    info!("agent stopped");
     Ok(())
 }
 
@@ -343,7 +379,12 @@ async fn reap(children: Arc<Mutex<Vec<i32>>>) {
     }
 }
 
-async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+async fn handle_connection<C, N, J>(shared: Arc<Shared<C, N, J>>, conn: quinn::Connection)
+where
+    C: Checkpointer,
+    N: AddressMover,
+    J: Journal<AgentRecord, AgentOutcome>,
+{
     let peer = conn
         .peer_identity()
         .and_then(|id| {
@@ -469,7 +510,15 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     }
 }
 
-async fn resolve(shared: &Shared, id: &MigrationId, decision: Decision) -> Resolution {
+async fn resolve<C, N, J>(
+    shared: &Shared<C, N, J>,
+    id: &MigrationId,
+    decision: Decision,
+) -> Resolution
+where
+    C: Checkpointer,
+    J: Journal<AgentRecord, AgentOutcome>,
+{
     let task = lock(&shared.tasks).get(id).cloned();
     if let Some(task) = task {
         let (reply, answer) = oneshot::channel();
@@ -496,13 +545,17 @@ async fn finish(mut tx: FrameSender, conn: quinn::Connection) {
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
 }
 
-fn spawn_task(
-    shared: &Arc<Shared>,
+fn spawn_task<C, N, J>(
+    shared: &Arc<Shared<C, N, J>>,
     id: MigrationId,
     machine: AgentMachine,
     record: AgentRecord,
     conn: Option<(quinn::Connection, FrameSender, FrameReceiver)>,
-) {
+) where
+    C: Checkpointer,
+    N: AddressMover,
+    J: Journal<AgentRecord, AgentOutcome>,
+{
     let (tx, rx) = mpsc::unbounded_channel();
     lock(&shared.tasks).insert(id.clone(), tx.clone());
     shared.metrics.migrations_in_progress.add(1);
@@ -524,8 +577,8 @@ fn spawn_task(
 }
 
 /// One migration on this host.
-struct Task {
-    shared: Arc<Shared>,
+struct Task<C: Checkpointer, N, J> {
+    shared: Arc<Shared<C, N, J>>,
     id: MigrationId,
     record: AgentRecord,
     tx: mpsc::UnboundedSender<TaskInput>,
@@ -533,15 +586,20 @@ struct Task {
     writer: Option<mpsc::UnboundedSender<Option<FromAgent>>>,
     conn: Option<quinn::Connection>,
     receiver: Option<Receiver>,
-    lazy: Option<crate::criu::lazy::LazyPages>,
+    lazy: Option<C::Lazy>,
     replies: HashMap<u64, oneshot::Sender<Resolution>>,
     next_request: u64,
     failed: bool,
 }
 
-impl Task {
+impl<C, N, J> Task<C, N, J>
+where
+    C: Checkpointer,
+    N: AddressMover,
+    J: Journal<AgentRecord, AgentOutcome>,
+{
     async fn run(
-        shared: Arc<Shared>,
+        shared: Arc<Shared<C, N, J>>,
         id: MigrationId,
         mut machine: AgentMachine,
         record: AgentRecord,
@@ -737,7 +795,7 @@ impl Task {
                     | AgentPhase::Committed { pid }
                         if self.record.restored.is_none_or(|(p, _)| p != pid) =>
                     {
-                        self.record.restored = process_start_time(pid).map(|s| (pid, s));
+                        self.record.restored = self.shared.ckpt.start_time(pid).map(|s| (pid, s));
                     }
                     _ => {}
                 }
@@ -837,7 +895,7 @@ impl Task {
                 });
             }
             AgentAction::GoLive => {
-                let Some((pid, _)) = self.record.restored else {
+                let Some((pid, start)) = self.record.restored else {
                     machine.handle(
                         now(),
                         AgentEvent::WentLive(Err(PortError::new(
@@ -867,55 +925,68 @@ impl Task {
                     (None, Some(pd)) => Cleanup::LazyPid(pd),
                     (None, None) => Cleanup::Now,
                 };
-                let metrics = self.shared.metrics.clone();
-                let shared = self.shared.clone();
-                tokio::spawn(
-                    async move {
-                        // The tree runs first (still unreachable), then the block goes and the
-                        // LAN is told: a tree that cannot run is never exposed to clients.
-                        let r = async {
-                            ckpt.resume(pid)?;
-                            net.delete_table(&table).await?;
-                            if let Err(e) = net.announce(addr, &dev).await {
-                                warn!("cannot announce the service address: {e}");
-                            }
-                            Ok(())
-                        }
-                        .await;
-                        let ok = r.is_ok();
-                        emit(AgentEvent::WentLive(r));
-                        if !ok {
-                            // The undo that follows removes the images.
-                            return;
-                        }
-                        let fill = match cleanup {
-                            Cleanup::Lazy(daemon) => tokio::spawn(
-                                finish_lazy(*daemon, images, metrics).in_current_span(),
-                            ),
-                            Cleanup::LazyPid((p, s)) => tokio::spawn(
-                                async move {
-                                    let t = Instant::now();
-                                    while process_start_time(p) == Some(s)
-                                        && t.elapsed() < LAZY_FILL_TIMEOUT
-                                    {
-                                        tokio::time::sleep(Duration::from_millis(100)).await;
-                                    }
-                                    info!("the lazy-pages daemon of an earlier agent is done");
-                                    let _ = std::fs::remove_dir_all(&images);
-                                }
-                                .in_current_span(),
-                            ),
-                            Cleanup::Now => {
-                                let _ = std::fs::remove_dir_all(&images);
-                                return;
-                            }
-                        };
-                        let mut fills = lock(&shared.lazy_fills);
-                        fills.retain(|f| !f.is_finished());
-                        fills.push(fill);
+                // Inline, not in a task of its own: this is the commit's critical path.
+                // The block goes first, the LAN is told, then the tree runs. The other order
+                // drops whatever the service sends in between at the output hook, and a restored
+                // socket retransmits after TCP's initial RTO (1 s: CRIU does not restore the RTT
+                // estimate): a one-second stall, seen once in ten moves. A tree that died since
+                // the restore is not unblocked.
+                let r = async {
+                    if !ckpt.alive(pid, start) {
+                        return Err(PortError::new(
+                            ErrorCode::Checkpoint,
+                            format!("the restored tree (pid {pid}) is gone"),
+                        ));
                     }
-                    .in_current_span(),
-                );
+                    let t0 = Instant::now();
+                    net.delete_table(&table).await?;
+                    let t1 = Instant::now();
+                    if let Err(e) = net.announce(addr, &dev).await {
+                        warn!("cannot announce the service address: {e}");
+                    }
+                    let t2 = Instant::now();
+                    let r = ckpt.resume(pid);
+                    debug!(
+                        unblock_ms = (t1 - t0).as_secs_f64() * 1e3,
+                        announce_ms = (t2 - t1).as_secs_f64() * 1e3,
+                        resume_ms = t2.elapsed().as_secs_f64() * 1e3,
+                        "went live"
+                    );
+                    r
+                }
+                .await;
+                let ok = r.is_ok();
+                machine.handle(now(), AgentEvent::WentLive(r));
+                if !ok {
+                    // The undo that follows removes the images.
+                    return;
+                }
+                let metrics = self.shared.metrics.clone();
+                let fill = match cleanup {
+                    Cleanup::Lazy(daemon) => {
+                        tokio::spawn(finish_lazy(*daemon, images, metrics).in_current_span())
+                    }
+                    Cleanup::LazyPid((p, s)) => tokio::spawn(
+                        async move {
+                            let t = Instant::now();
+                            while process_start_time(p) == Some(s)
+                                && t.elapsed() < LAZY_FILL_TIMEOUT
+                            {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            info!("the lazy-pages daemon of an earlier agent is done");
+                            let _ = std::fs::remove_dir_all(&images);
+                        }
+                        .in_current_span(),
+                    ),
+                    Cleanup::Now => {
+                        let _ = std::fs::remove_dir_all(&images);
+                        return;
+                    }
+                };
+                let mut fills = lock(&self.shared.lazy_fills);
+                fills.retain(|f| !f.is_finished());
+                fills.push(fill);
             }
             AgentAction::Undo => {
                 if let Some(r) = self.receiver.as_mut() {
@@ -950,9 +1021,9 @@ impl Task {
 }
 
 /// What removes a committed migration's image set.
-enum Cleanup {
+enum Cleanup<L> {
     /// The lazy-pages daemon's watcher, once it filled the memory in.
-    Lazy(Box<crate::criu::lazy::LazyPages>),
+    Lazy(Box<L>),
     /// A watcher of an earlier agent's daemon, by pid and start time.
     LazyPid((i32, u64)),
     /// Nothing reads it any more.
@@ -971,7 +1042,7 @@ async fn undo<C: Checkpointer, N: AddressMover>(
     record: &AgentRecord,
     ckpt: &C,
     net: &N,
-    lazy: Option<crate::criu::lazy::LazyPages>,
+    lazy: Option<C::Lazy>,
 ) {
     if let Some((pid, start)) = record.restored {
         if ckpt.kill(pid, start) {
@@ -1004,11 +1075,7 @@ async fn undo<C: Checkpointer, N: AddressMover>(
 /// After a lazily restored service is committed: waits for its (detached) lazy-pages daemon to
 /// put every page in place, then removes the image set it read from. A daemon that takes longer
 /// than [`LAZY_FILL_TIMEOUT`] is reported and waited for, never killed.
-async fn finish_lazy(
-    mut daemon: crate::criu::lazy::LazyPages,
-    images: PathBuf,
-    metrics: Arc<AgentMetrics>,
-) {
+async fn finish_lazy<L: LazyServer>(mut daemon: L, images: PathBuf, metrics: Arc<AgentMetrics>) {
     let result = match tokio::time::timeout(LAZY_FILL_TIMEOUT, daemon.wait()).await {
         Ok(r) => r,
         Err(_) => {

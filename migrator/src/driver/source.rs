@@ -1179,7 +1179,14 @@ fn spawn_criu<C: Checkpointer>(
                     }
                 }
                 CriuCmd::Commit => match dump.take() {
-                    Some(d) => send(DumpEvent::Ended(d.commit().await)),
+                    Some(mut d) => match d.answer_commit().await {
+                        // The copy cannot come back now: the commit may go while CRIU ends it.
+                        Ok(()) => {
+                            send(DumpEvent::CommitAnswered);
+                            send(DumpEvent::Ended(d.commit().await));
+                        }
+                        Err(e) => send(DumpEvent::Ended(Err(e))),
+                    },
                     None => send(DumpEvent::Ended(Err(PortError::new(
                         ErrorCode::Internal,
                         "no dump to commit",

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 
 pub use crate::protocol::ServiceAddr;
 pub use addr::IfAddr;
-pub use arp::Link;
+pub use arp::{ArpSocket, Link};
 pub use mover::HostAddressMover;
 pub use nft::{Family, NftError};
 
@@ -130,6 +130,9 @@ pub enum NetError {
         /// Why.
         source: io::Error,
     },
+    /// Opening the packet socket for gratuitous ARPs failed (it needs CAP_NET_RAW).
+    #[error("cannot open a packet socket for gratuitous ARPs: {0}")]
+    PacketSocket(#[source] io::Error),
     /// The address is configured here already.
     #[error("address {addr} is already in use on this host (interface {dev})")]
     AddressInUse {

@@ -198,8 +198,11 @@ pub enum DumpEvent {
     },
     /// CRIU failed before the hold and rolled back by itself: the tree runs.
     Failed(PortError),
-    /// After [`SourceAction::CommitDump`]: the source copy is gone. An error means it may not
-    /// be.
+    /// After [`SourceAction::CommitDump`]: CRIU has the answer and ends the copy; it can no
+    /// longer come back (its connections stay locked by CRIU's table whatever CRIU does next).
+    CommitAnswered,
+    /// After [`SourceAction::CommitDump`], later: the source copy is gone. An error means it
+    /// may not be (it is then still locked).
     Ended(Result<DumpEnd, PortError>),
     /// After [`SourceAction::RollbackDump`]: CRIU unlocked and thawed the tree.
     RolledBack(Result<(), PortError>),
@@ -309,7 +312,8 @@ pub enum SourceAction {
     /// Let CRIU go on from the point it waits at; report the next point.
     ProceedDump,
     /// Answer CRIU's post-dump with success: it ends the frozen tree. Report
-    /// [`DumpEvent::Ended`] once it did (and the tree is gone).
+    /// [`DumpEvent::CommitAnswered`] once the answer is written, then [`DumpEvent::Ended`] once
+    /// the tree is gone.
     CommitDump,
     /// Make CRIU abandon the dump (answer failure, or close its socket): it unlocks and thaws
     /// the tree. Report [`DumpEvent::RolledBack`].
@@ -384,6 +388,28 @@ struct Round {
     scan: Option<RoundScan>,
 }
 
+/// What waits for the end of the source copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterCopyEnd {
+    /// Removing the address and CRIU's lock table (which keeps the copy unreachable).
+    Cleanup,
+    /// Restoring the service here (its pids must be free).
+    RestoreLocally,
+}
+
+/// Whether the source copy is known to be gone, after the commit answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyEnd {
+    /// CRIU was answered; it has not confirmed the end yet.
+    Pending,
+    /// CRIU failed after the answer; the copy is being killed outright.
+    Killing,
+    /// Gone.
+    Confirmed,
+    /// It could not be ended: it stays, locked and unreachable, and so does its lock table.
+    Lingering,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ResolveWhy {
     /// `Commit` went unanswered.
@@ -435,6 +461,10 @@ enum State {
         outcome: Outcome,
     },
     RestoringLocally,
+    /// Waiting for CRIU to confirm the end of the source copy before `then`.
+    AwaitingCopyEnd {
+        then: AfterCopyEnd,
+    },
     RollingBack(RollingBack),
     Recovering,
     Done,
@@ -455,6 +485,7 @@ impl State {
             State::Resuming { .. } => "resuming",
             State::Finishing { .. } => "finishing",
             State::RestoringLocally => "restoring-locally",
+            State::AwaitingCopyEnd { .. } => "awaiting-copy-end",
             State::RollingBack(_) => "rolling-back",
             State::Recovering => "recovering",
             State::Done => "done",
@@ -501,6 +532,11 @@ pub struct SourceMachine {
     journaled: bool,
     /// The source copy was ended (CRIU answered post-dump with success).
     source_ended: bool,
+    /// Whether its end is confirmed.
+    copy_end: CopyEnd,
+    /// CRIU's lock table, deleted once the address is gone from here (in that order: a packet
+    /// reaching this host with the address and no filter and no socket would get a reset).
+    delete_after_address: Option<String>,
     /// Failure that led past the commit point to a local restore or to doubt.
     late_failure: Option<Failure>,
 }
@@ -594,6 +630,8 @@ impl SourceMachine {
             lock_table: None,
             journaled: false,
             source_ended: false,
+            copy_end: CopyEnd::Confirmed,
+            delete_after_address: None,
             late_failure: None,
             cfg,
         }
@@ -665,8 +703,66 @@ impl SourceMachine {
             }
             self.deadline = None;
         }
+        let event = match event {
+            // After the commit was sent, CRIU's confirmation of the end of the source copy comes
+            // whenever it comes; only what needs the copy gone waits for it.
+            SourceEvent::Dump(DumpEvent::Ended(r))
+                if self.source_ended && !matches!(self.state, State::Ending) =>
+            {
+                return self.copy_ended(now, r.map(Some));
+            }
+            SourceEvent::SourceKilled(r)
+                if self.source_ended && !matches!(self.state, State::Ending) =>
+            {
+                return self.copy_ended(now, r.map(|()| None));
+            }
+            e => e,
+        };
         let state = std::mem::replace(&mut self.state, State::Done);
         self.state = self.step(state, now, event);
+    }
+
+    /// CRIU confirmed (`Ok`) or failed to confirm (`Err`) the end of the source copy after the
+    /// commit was sent; a confirmation from a kill carries no statistics.
+    fn copy_ended(&mut self, now: Instant, r: Result<Option<DumpEnd>, PortError>) {
+        match r {
+            Ok(end) => {
+                if let Some(end) = end {
+                    self.dump_stats(end);
+                }
+                self.copy_end = CopyEnd::Confirmed;
+            }
+            Err(e) if self.copy_end == CopyEnd::Pending => {
+                self.warn(format!(
+                    "CRIU did not confirm the end of the source copy ({e}); killing it"
+                ));
+                self.copy_end = CopyEnd::Killing;
+                self.push(SourceAction::KillSourceCopy);
+                return;
+            }
+            Err(e) => {
+                self.warn(format!(
+                    "the source copy could not be ended ({e}); it stays frozen behind CRIU's \
+                     lock table, which is kept: no client reaches it. Kill pid {} by hand, then \
+                     delete the table",
+                    self.cfg.source_pid
+                ));
+                self.copy_end = CopyEnd::Lingering;
+            }
+        }
+        if let State::AwaitingCopyEnd { then } = self.state {
+            self.state = match then {
+                AfterCopyEnd::Cleanup => self.cleanup_after_commit(now),
+                AfterCopyEnd::RestoreLocally => self.restore_locally(),
+            };
+        }
+    }
+
+    fn dump_stats(&mut self, end: DumpEnd) {
+        if let Some(s) = &end.stats {
+            self.report.timings.freeze_ms = f64::from(s.freezing_time_us) / 1e3;
+        }
+        self.report.criu_dump = end.stats;
     }
 
     fn step(&mut self, state: State, now: Instant, event: SourceEvent) -> State {
@@ -1066,28 +1162,34 @@ impl SourceMachine {
                     self.warn(format!("cannot record the commit in the journal: {e}"));
                 }
                 self.source_ended = true;
+                self.copy_end = CopyEnd::Pending;
                 self.dump_active = false;
                 self.push(SourceAction::CommitDump);
                 State::Ending
             }
+            // CRIU has the answer: the copy cannot come back. The commit goes at once; CRIU's
+            // end of the copy (a few ms to tens of ms) runs beside it.
+            (State::Ending, E::Dump(DumpEvent::CommitAnswered)) => self.send_commit(now),
             (State::Ending, E::Dump(DumpEvent::Ended(Ok(end)))) => {
-                if let Some(s) = &end.stats {
-                    self.report.timings.freeze_ms = f64::from(s.freezing_time_us) / 1e3;
-                }
-                self.report.criu_dump = end.stats;
+                self.dump_stats(end);
+                self.copy_end = CopyEnd::Confirmed;
                 self.send_commit(now)
             }
             (State::Ending, E::Dump(DumpEvent::Ended(Err(e)))) => {
-                // CRIU failed after being told to end the tree: the source copy may still exist
-                // (its connections stay locked by CRIU's table). End it ourselves before the
+                // CRIU failed before it had the answer: the source copy may still exist (its
+                // connections stay locked by CRIU's table). End it ourselves before the
                 // destination may run a second one.
                 self.warn(format!(
                     "CRIU did not confirm the end of the source copy ({e}); killing it"
                 ));
+                self.copy_end = CopyEnd::Killing;
                 self.push(SourceAction::KillSourceCopy);
                 State::Ending
             }
-            (State::Ending, E::SourceKilled(Ok(()))) => self.send_commit(now),
+            (State::Ending, E::SourceKilled(Ok(()))) => {
+                self.copy_end = CopyEnd::Confirmed;
+                self.send_commit(now)
+            }
             (State::Ending, E::SourceKilled(Err(e))) => {
                 // The source copy may exist (frozen, locked): the destination must not run.
                 self.late_failure = Some(
@@ -1105,6 +1207,7 @@ impl SourceMachine {
 
             // ---- after Commit ----
             (State::AwaitingCommitted, E::Message(FromAgent::Committed { go_live_ms })) => {
+                self.report.timings.go_live_ms = go_live_ms;
                 info!(go_live_ms, "the destination runs the service");
                 self.deadline = None;
                 self.enter_committed(now)
@@ -1236,8 +1339,20 @@ impl SourceMachine {
                 self.cleanup_after_commit(now)
             }
             (State::Finishing { pending, outcome }, E::Completed(step, result)) => {
+                let address_gone = step == Step::RemoveAddress && result.is_ok();
                 if let Err(e) = result {
                     self.warn(format!("{step:?}: {e}"));
+                }
+                if step == Step::RemoveAddress {
+                    if let Some(table) = self.delete_after_address.take() {
+                        if address_gone {
+                            self.push(SourceAction::DeleteLockTable { table });
+                            return State::Finishing { pending, outcome };
+                        }
+                        self.warn(format!(
+                            "CRIU's lock table {table} is kept: the address is still here"
+                        ));
+                    }
                 }
                 self.finishing(now, pending - 1, outcome)
             }
@@ -1544,13 +1659,20 @@ impl SourceMachine {
     }
 
     fn cleanup_after_commit(&mut self, now: Instant) -> State {
+        if matches!(self.copy_end, CopyEnd::Pending | CopyEnd::Killing) {
+            // The lock table keeps the copy unreachable until it is gone.
+            return State::AwaitingCopyEnd {
+                then: AfterCopyEnd::Cleanup,
+            };
+        }
         self.paused = false;
         let mut then = vec![SourceAction::RemoveAddress];
-        if let Some(t) = self.lock_table.clone() {
-            // The dump's lock table stays after a commit; left, it would block these very
-            // connections if the service ever comes back.
-            then.push(SourceAction::DeleteLockTable { table: t });
-        }
+        // The dump's lock table stays after a commit; left, it would block these very
+        // connections if the service ever comes back. It goes after the address.
+        self.delete_after_address = self
+            .lock_table
+            .clone()
+            .filter(|_| self.copy_end == CopyEnd::Confirmed);
         then.push(SourceAction::RemoveImages);
         if self.journaled {
             then.push(SourceAction::ForgetJournal);
@@ -1576,6 +1698,12 @@ impl SourceMachine {
     }
 
     fn restore_locally(&mut self) -> State {
+        if matches!(self.copy_end, CopyEnd::Pending | CopyEnd::Killing) {
+            // The restore needs the copy's pids free.
+            return State::AwaitingCopyEnd {
+                then: AfterCopyEnd::RestoreLocally,
+            };
+        }
         warn!("the destination cannot run the service; restoring it here from the image set");
         self.push(SourceAction::RestoreLocally);
         State::RestoringLocally
@@ -1796,6 +1924,9 @@ impl SourceMachine {
     }
 
     fn send_commit(&mut self, now: Instant) -> State {
+        if let Some(r) = self.restored_at {
+            self.report.timings.commit_sent_ms = ms(now - r);
+        }
         if self.connected {
             self.send(ToAgent::Commit);
             self.deadline = Some(now + self.cfg.timeouts.commit);
@@ -1910,6 +2041,7 @@ fn phase_of(s: &State) -> Phase {
         State::Resuming { .. } => Phase::Resume,
         State::Finishing { .. } => Phase::Cleanup,
         State::RestoringLocally => Phase::Restore,
+        State::AwaitingCopyEnd { .. } => Phase::Commit,
         State::RollingBack(_) => Phase::Rollback,
         State::Done => Phase::Cleanup,
     }

@@ -136,6 +136,10 @@ impl Dump for FakeDump {
         })
     }
 
+    async fn answer_commit(&mut self) -> Result<(), PortError> {
+        self.world.op("answer-commit")
+    }
+
     async fn commit(self) -> Result<DumpEnd, PortError> {
         self.world.op("commit")?;
         self.world.with(|s| s.source = FakeCopy::Dead);
@@ -249,6 +253,10 @@ impl Checkpointer for FakeCheckpointer {
     fn alive(&self, _pid: i32, _start: u64) -> bool {
         self.world
             .with(|s| matches!(s.restored, FakeCopy::Running | FakeCopy::Stopped))
+    }
+
+    fn start_time(&self, _pid: i32) -> Option<u64> {
+        Some(1)
     }
 
     async fn restored_intact(

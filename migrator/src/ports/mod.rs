@@ -48,7 +48,11 @@ pub trait Dump: Send + 'static {
     /// cancel-safe: dropping the future leaves the dump at a consistent point, so that
     /// [`rollback`](Dump::rollback) can follow.
     fn proceed(&mut self) -> impl Future<Output = Result<DumpPoint, PortError>> + Send;
-    /// Ends the held unit (the commit point). `Ok` means the unit is gone.
+    /// Tells the dump, held at [`DumpPoint::Held`], to end the unit (the commit point). Once
+    /// this returns `Ok` the unit cannot come back (it stays locked until it is gone).
+    fn answer_commit(&mut self) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// After [`answer_commit`](Dump::answer_commit): waits until the unit is gone (killing it
+    /// if the dump failed to). `Ok` means it is gone.
     fn commit(self) -> impl Future<Output = Result<DumpEnd, PortError>> + Send;
     /// Abandons the dump: the unit is unlocked and thawed (or never frozen) and runs on.
     fn rollback(self) -> impl Future<Output = Result<(), PortError>> + Send;
@@ -124,6 +128,10 @@ pub trait Checkpointer: Send + Sync + 'static {
 
     /// Whether `pid` is still the process that started at `start`.
     fn alive(&self, pid: i32, start: u64) -> bool;
+
+    /// The start time of process `pid`, which tells it from a later process that reuses the
+    /// pid (journaled with the pid); `None` if it does not run.
+    fn start_time(&self, pid: i32) -> Option<u64>;
 
     /// Whether a tree restored stopped (root `pid`, started at `start`) is still whole, for an
     /// agent that finds it after a restart: it exists, and its memory is all in place: its

@@ -192,6 +192,9 @@ enum Item {
     /// The destination's address claim lands (block, then address), whatever became of the
     /// agent that asked for it.
     ClaimDone(u64, bool),
+    /// CRIU, told to end the source copy, has ended it (or failed to), whatever became of the
+    /// `tether migrate` that told it.
+    CopyEnded(u64, bool),
 }
 
 #[derive(Debug, Clone)]
@@ -705,6 +708,22 @@ impl Sim {
             Item::Restart(Host::Dst) => self.restart_agent(),
             Item::HealLink => self.link_down_until = None,
             Item::EndStall => self.stall_until = None,
+            Item::CopyEnded(epoch, ok) => {
+                if ok {
+                    self.src_copy = Copy::Dead;
+                }
+                if epoch == self.src_epoch {
+                    let r = if ok {
+                        Ok(DumpEnd::default())
+                    } else {
+                        Err(PortError::new(
+                            ErrorCode::Internal,
+                            "injected failure of criu's end",
+                        ))
+                    };
+                    self.source_event(SourceEvent::Dump(DumpEvent::Ended(r)));
+                }
+            }
             Item::ClaimDone(epoch, ok) => {
                 if ok {
                     self.dst_blocked = true;
@@ -973,19 +992,11 @@ impl Sim {
             SourceAction::CommitDump => {
                 assert_eq!(self.criu, Criu::Held, "CommitDump without a held dump");
                 self.criu = Criu::Ended;
-                if fail {
-                    // CRIU fails after the answer: the tree is not ended.
-                    self.src_later(
-                        Duration::from_millis(2),
-                        SourceEvent::Dump(DumpEvent::Ended(Err(self.src_fail("criu's end")))),
-                    );
-                    return;
-                }
-                self.src_copy = Copy::Dead;
-                self.src_later(
-                    Duration::from_millis(2),
-                    SourceEvent::Dump(DumpEvent::Ended(Ok(DumpEnd::default()))),
-                );
+                // The answer is written at once; CRIU ends the copy a little later (it may fail
+                // to: the copy then stays frozen and locked until it is killed).
+                self.src_later(Duration::ZERO, SourceEvent::Dump(DumpEvent::CommitAnswered));
+                let epoch = self.src_epoch;
+                self.at(Duration::from_millis(5), Item::CopyEnded(epoch, !fail));
             }
             SourceAction::RollbackDump => {
                 let was = self.criu;
@@ -1133,6 +1144,8 @@ impl Sim {
                 self.src_done(Step::RemoveImages, fail);
             }
             SourceAction::CheckSourceCopy => {
+                // (The real check first waits for this migration's CRIU to exit; in the model
+                // it ends the copy within milliseconds, long before a restart.)
                 let r = if fail {
                     Err(self.src_fail("the check"))
                 } else {
