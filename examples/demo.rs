@@ -157,8 +157,9 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\nprecopy: bytes sent while the service ran; final: bytes sent while it was frozen; downtime: \
          from letting CRIU freeze the service to the destination's confirmation that it runs there, as seen by the source; \
-         restore: the destination's restore (left stopped); commit: from its report to that confirmation (ending the \
-         source copy, the commit's round trip, the destination lifting its block); stall: longest wait for a reply \
+         restore: the destination's restore (left stopped); commit: from its report to that confirmation (the source \
+         answering CRIU, the commit's round trip, the destination lifting its block, announcing the address and \
+         resuming the service); stall: longest wait for a reply \
          on any client connection (includes the 1 ms pause between requests)."
     );
     drop(s);
