@@ -23,12 +23,12 @@
 //!    CRIU at post-dump: images complete, tree held frozen and locked
 //!  SendImages ── File*, FinalPages, pages, ImagesDone ─▶ rebuild, restore stopped (blocked)
 //!                          ◀──────────────── Restored ──
-//!  ═══ commit point ═══  Journal(Committing), CommitDump: CRIU ends the frozen copy
-//!  (its connections stay locked by CRIU's table)
+//!  ═══ commit point ═══  Journal(Committing), CommitDump: answer CRIU's post-dump; CRIU
+//!  ends the frozen copy meanwhile (its connections stay locked by CRIU's table)
 //!    ── Commit ─────────────────────────────────────▶ journal, lift block, announce, SIGCONT
 //!                          ◀─────────────── Committed ──
 //!  Resume the proxy: held bytes go to the running service at once
-//!  RemoveAddress, DeleteLockTable, RemoveImages, ForgetJournal
+//!  once CRIU confirms the copy's end: RemoveAddress, DeleteLockTable, RemoveImages, ForgetJournal
 //! ```
 //!
 //! # States
@@ -41,12 +41,14 @@
 //!                                     RollingBack ◀────┴── AwaitingRestore
 //!                                          │                  │ Restored
 //!                                          ▼                  ▼
-//!                            (Resolving Abort) ─▶ Done   Ending ─▶ AwaitingCommitted ─▶ Resuming ─▶ Finishing ─▶ Done(Committed)
+//!                            (Resolving Abort) ─▶ Done   Ending ─▶ AwaitingCommitted ─▶ Resuming ─▶ [AwaitingCopyEnd] ─▶ Finishing ─▶ Done(Committed)
 //!                                                             │          │ lost / no answer           ▲
 //!                                                             │          ▼                            │
 //!                                                             │    Resolving(Commit) ── Committed ────┘
 //!                                                             │          │ Aborted / Failed
-//!                                                             └──────────┴─▶ RestoringLocally ─▶ Done(RestoredOnSource)
+//!                                                             └──────────┴─▶ [AwaitingCopyEnd] ─▶ RestoringLocally ─▶ Done(RestoredOnSource)
+//!  Ending: until CRIU has the commit answer. [AwaitingCopyEnd]: only while CRIU has not yet
+//!  confirmed that the frozen copy is gone (the cleanup and a local restore need it gone).
 //!  recover(): Recovering ─ CheckSourceCopy ─▶ alive: Resolving(Abort) ─▶ Done(RolledBack)
 //!                                          └▶ gone:  Resolving(Commit) ─▶ as above
 //! ```
