@@ -176,7 +176,7 @@ impl FrameSender {
             .map_err(|e| TransportError::Lost(e.to_string()))
     }
 
-    /// Sends an already encoded frame (e.g. a [`wire::PageBatch`]).
+    /// Sends an already encoded frame (e.g. a [`PageBatch`](crate::protocol::PageBatch)).
     pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         self.0
             .write_all(frame)
