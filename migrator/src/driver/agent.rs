@@ -638,13 +638,7 @@ where
                 info!("agent stopping: the migration stays in doubt, journaled for the next start");
                 return None;
             }
-            let deadline = machine.poll_timeout();
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let sleep = super::until(machine.poll_timeout());
             tokio::select! {
                 input = rx.recv() => match input {
                     Some(TaskInput::Frame(f)) => machine.handle(Instant::now(), AgentEvent::Frame(f)),

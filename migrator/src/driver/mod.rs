@@ -38,3 +38,12 @@ pub(crate) fn connection_end(peer: &str, err: Option<TransportError>) -> Connect
         },
     }
 }
+
+/// Sleeps until a machine's `poll_timeout` (forever for `None`): the timer arm of a driver's
+/// `select!`, after which the driver feeds the machine a tick.
+pub(crate) async fn until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}

@@ -628,13 +628,7 @@ where
         if !machine.transferring() {
             _progress = None;
         }
-        let deadline = machine.poll_timeout();
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
-                None => std::future::pending().await,
-            }
-        };
+        let sleep = super::until(machine.poll_timeout());
         tokio::select! {
             input = rx.recv() => match input {
                 Some(Input::Event(g, e)) => {
