@@ -1,13 +1,13 @@
 //! What a service shares with its TCP flows: its name, limits and counters, the gate on
-//! client-to-service data, the backend new flows go to, and the signal a flow gives when it
-//! stops reading from its client.
+//! client-to-service data (which carries the backend new flows go to), and the signal a flow
+//! gives when it stops reading from its client.
 //!
-//! The service (its coordinator in `service.rs`) sets the gate and the backend from its pure
-//! state; the flows (`tcp.rs`) only read them, and neither side needs the other's module.
+//! The service (its coordinator in `service.rs`) sets the gate from its pure state; the flows
+//! (`tcp.rs`) only read it, and neither side needs the other's module.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::futures::Notified;
 use tokio::sync::{watch, Notify};
@@ -23,10 +23,8 @@ pub(crate) struct FlowCtx {
     pub global: Arc<GlobalMetrics>,
     /// Flow ids, shared with the service's UDP listeners.
     ids: Arc<AtomicU64>,
-    /// Open (`true`) while client-to-service data may flow.
-    gate: watch::Sender<bool>,
-    /// Where new flows go.
-    backend: Mutex<SocketAddr>,
+    /// Open (`Some(backend)`: where new flows go) while client-to-service data may flow.
+    gate: watch::Sender<Option<SocketAddr>>,
     /// Signalled when a flow stops reading from its client (for a pause waiting to quiesce).
     parked: Notify,
 }
@@ -46,8 +44,7 @@ impl FlowCtx {
             metrics,
             global,
             ids,
-            gate: watch::Sender::new(true),
-            backend: Mutex::new(backend),
+            gate: watch::Sender::new(Some(backend)),
             parked: Notify::new(),
         }
     }
@@ -56,24 +53,21 @@ impl FlowCtx {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Where new flows go.
-    pub fn backend(&self) -> SocketAddr {
-        *self.backend.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Follows the gate: `true` while client-to-service data may flow.
-    pub fn watch_gate(&self) -> watch::Receiver<bool> {
+    /// Follows the gate: `Some(backend)` while client-to-service data may flow, with where new
+    /// flows go.
+    pub fn watch_gate(&self) -> watch::Receiver<Option<SocketAddr>> {
         self.gate.subscribe()
     }
 
-    /// Sets where new flows go and whether client data may flow, in that order: a flow that
-    /// sees the gate open reads the backend after it, so it never gets one older than the
-    /// state that opened the gate. The service calls this with its state locked, after every
-    /// change of it.
+    /// Sets whether client data may flow and where new flows go, as one value. Receivers are
+    /// woken only when the gate opens or closes. The service calls this with its state locked,
+    /// after every change of it.
     pub fn publish(&self, backend: SocketAddr, open: bool) {
-        *self.backend.lock().unwrap_or_else(|e| e.into_inner()) = backend;
-        self.gate
-            .send_if_modified(|g| std::mem::replace(g, open) != open);
+        self.gate.send_if_modified(|g| {
+            let was_open = g.is_some();
+            *g = open.then_some(backend);
+            was_open != open
+        });
     }
 
     /// Tells a waiting pause that a flow has stopped reading from its client.

@@ -236,8 +236,10 @@ fn reset(s: &TcpStream) {
 }
 
 /// Waits until the gate is open. `Err` if the proxy is shutting down.
-async fn gate_open(gate: &mut watch::Receiver<bool>) -> Result<(), watch::error::RecvError> {
-    gate.wait_for(|open| *open).await.map(|_| ())
+async fn gate_open(
+    gate: &mut watch::Receiver<Option<SocketAddr>>,
+) -> Result<(), watch::error::RecvError> {
+    gate.wait_for(Option::is_some).await.map(|_| ())
 }
 
 async fn run_flow(guard: FlowGuard, client: TcpStream) {
@@ -251,8 +253,8 @@ async fn run_flow(guard: FlowGuard, client: TcpStream) {
     // never misses a connection attempt in flight.
     let backend = loop {
         flow.stage.store(STAGE_CONNECTING, Ordering::SeqCst);
-        if *gate.borrow_and_update() {
-            break ctx.backend();
+        if let Some(backend) = *gate.borrow_and_update() {
+            break backend;
         }
         flow.stage.store(STAGE_WAITING, Ordering::SeqCst);
         ctx.notify_parked();
@@ -399,7 +401,7 @@ async fn pump_c2s(
     client: &TcpStream,
     upstream: &TcpStream,
     buf: &mut LazyBuf<'_>,
-    gate: &mut watch::Receiver<bool>,
+    gate: &mut watch::Receiver<Option<SocketAddr>>,
     flow: &TcpFlow,
     ctx: &FlowCtx,
 ) -> io::Result<()> {
@@ -407,7 +409,7 @@ async fn pump_c2s(
         // Here the buffer holds nothing. Announce that we may read, then check the gate (the
         // coordinator closes the gate, then checks `c2s_idle`).
         flow.c2s_idle.store(false, Ordering::SeqCst);
-        if !*gate.borrow_and_update() {
+        if gate.borrow_and_update().is_none() {
             flow.c2s_idle.store(true, Ordering::SeqCst);
             ctx.notify_parked();
             if gate_open(gate).await.is_err() {

@@ -240,7 +240,7 @@ impl Actor {
         }
     }
     fn now_ms(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+        crate::util::millis(now.saturating_duration_since(self.epoch))
     }
 
     async fn command(&mut self, cmd: UdpCmd) {
@@ -651,7 +651,7 @@ async fn reader(
         };
         if datagrams > 0 {
             errors = 0;
-            let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let ms = crate::util::millis(epoch.elapsed());
             shared.last_ms.store(ms, Ordering::Relaxed);
             shared
                 .datagrams_to_client
