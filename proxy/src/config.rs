@@ -22,6 +22,9 @@ use std::time::Duration;
 
 use crate::hold::HoldLimits;
 
+/// Longest quiescence wait a pause may have, configured or asked for in a command.
+pub const MAX_PAUSE_TIMEOUT_MS: u64 = 3_600_000;
+
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -158,8 +161,10 @@ impl Limits {
         if self.max_hold_ms == 0 || self.max_hold_ms > 3_600_000 {
             return bad("max_hold_ms must be between 1 and 3600000");
         }
-        if self.pause_timeout_ms == 0 {
-            return bad("pause_timeout_ms must be positive");
+        // The service refuses a pause whose timeout is over the maximum: a default over it
+        // would make every pause without an explicit timeout fail.
+        if self.pause_timeout_ms == 0 || self.pause_timeout_ms > MAX_PAUSE_TIMEOUT_MS {
+            return bad("pause_timeout_ms must be between 1 and 3600000");
         }
         if !(1024..=(16 << 20)).contains(&self.tcp_buffer_bytes) {
             return bad("tcp_buffer_bytes must be between 1024 and 16777216");
@@ -354,6 +359,11 @@ mod tests {
                 "[[service]]\nname='a'\nbackend='1.2.3.4:5'\ntcp_listen=['127.0.0.1:1']\n\
                  [service.limits]\nmax_hold_ms=0",
                 "max_hold_ms",
+            ),
+            (
+                "[[service]]\nname='a'\nbackend='1.2.3.4:5'\ntcp_listen=['127.0.0.1:1']\n\
+                 [service.limits]\npause_timeout_ms=3600001",
+                "pause_timeout_ms",
             ),
             (
                 "[[service]]\nname='a'\nbackend='nope'\ntcp_listen=['127.0.0.1:1']",

@@ -36,7 +36,8 @@ const QUIESCE_POLL: Duration = Duration::from_millis(1);
 const QUIESCE_SPIN: Duration = Duration::from_millis(3);
 
 /// Longest pause timeout a command may ask for.
-pub(crate) const MAX_PAUSE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_PAUSE_TIMEOUT: Duration =
+    Duration::from_millis(crate::config::MAX_PAUSE_TIMEOUT_MS);
 
 #[derive(Debug)]
 pub(crate) struct Service {
