@@ -17,11 +17,11 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create a development CA and one certificate per host (mutual TLS between hosts).
+    // No doc comment here: it would replace the long help of `CertsArgs` with one line.
     Certs(cli::certs::CertsArgs),
-    /// Run the destination agent that receives and restores migrations.
+    // No doc comment here: it would replace the long help of `AgentArgs` with one line.
     Agent(cli::agent::AgentArgs),
-    /// Migrate a running process tree to another host's agent.
+    // No doc comment here: it would replace the long help of `MigrateArgs` with one line.
     Migrate(cli::migrate::MigrateArgs),
     /// Measure how fast a running process tree writes memory.
     DirtyRate(cli::dirty_rate::DirtyRateArgs),

@@ -288,7 +288,8 @@ impl Scenario {
         self.agents.retain(|(h, _)| *h != host);
         let log = self.agent_log(host);
         let before = std::fs::read_to_string(&log).map(|s| s.len()).unwrap_or(0);
-        let work = format!("/dev/shm/{}-agent-{}", self.topo.prefix(), host.name());
+        let work = self.shm_dir(&format!("agent-{}", host.name()));
+        let work = work.display().to_string();
         let state = self.topo.work_dir().join(format!("state-{}", host.name()));
         let listen = self.agent_addr(host).to_string();
         let certs = self.certs(host);
@@ -314,6 +315,13 @@ impl Scenario {
                 &state.display().to_string(),
                 "--metrics",
                 &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
+                // Both test hosts move the service, each way.
+                "--allow-source",
+                Host::Src.name(),
+                "--allow-source",
+                Host::Dst.name(),
+                "--allow-service",
+                &service_block(self.topo.service_cidr()),
             ],
             env,
             Some(&log),
@@ -451,12 +459,22 @@ impl Scenario {
             &self.agent_addr(to).to_string(),
             "--certs",
             &certs.display().to_string(),
+            "--agent-name",
+            to.name(),
             "--service-addr",
             self.topo.service_cidr(),
             "--state-dir",
             &self.migrate_state_dir(self.location).display().to_string(),
+            "--work-dir",
+            &self.shm_dir("migrate").display().to_string(),
         ]);
         cmd
+    }
+
+    /// A directory on tmpfs (`/dev/shm`) of this scenario, for image sets: `what` names its use.
+    /// [`Drop`] removes every one, whatever the test left in them.
+    fn shm_dir(&self, what: &str) -> PathBuf {
+        PathBuf::from(format!("/dev/shm/{}-{what}", self.topo.prefix()))
     }
 
     /// The journal directory of `tether migrate` on `host`.
@@ -628,12 +646,13 @@ impl Scenario {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
-        for (host, _) in &self.agents {
-            let _ = std::fs::remove_dir_all(format!(
-                "/dev/shm/{}-agent-{}",
-                self.topo.prefix(),
-                host.name()
-            ));
+        // Every host's, not only the agents still running: a test may have killed one.
+        let dirs = Host::ALL
+            .iter()
+            .map(|h| format!("agent-{}", h.name()))
+            .chain(["migrate".to_string()]);
+        for what in dirs {
+            let _ = std::fs::remove_dir_all(self.shm_dir(&what));
         }
     }
 }
@@ -730,4 +749,14 @@ fn wait_for_log(log: &Path, from: usize, needle: &str, timeout: Duration) -> any
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The address block of a service address `a.b.c.d/len`, as `--allow-service` takes it.
+fn service_block(cidr: &str) -> String {
+    // Invariant: `cidr` is the test bed's constant SERVICE_CIDR, a valid service address.
+    let svc: tether_migrator::protocol::ServiceAddr =
+        cidr.parse().expect("the test bed's service address parses");
+    let mask = u32::MAX << (32 - u32::from(svc.prefix()));
+    let net = std::net::Ipv4Addr::from(u32::from(svc.addr()) & mask);
+    format!("{net}/{}", svc.prefix())
 }

@@ -71,6 +71,42 @@ fn wait_for(path: &Path, needle: &str, within: Duration) -> String {
     log
 }
 
+/// Waits until the text `path` gained after its first `from` bytes contains `needle`.
+fn wait_for_after(path: &Path, from: usize, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.get(from..).is_some_and(|new| new.contains(needle)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{needle}` did not appear in {} (after byte {from}) within {within:?}:\n{log}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for `tether migrate` to exit, at most [`MIGRATE_EXIT`]: a hung one is killed and fails
+/// the test instead of hanging the suite.
+fn wait_exit(mut child: Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + MIGRATE_EXIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for tether migrate") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            sigkill(&mut child);
+            panic!("tether migrate did not exit within {MIGRATE_EXIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How long a `tether migrate` of these tests may take, faults and recovery included.
+const MIGRATE_EXIT: Duration = Duration::from_secs(180);
+
 fn sigkill(child: &mut Child) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -223,21 +259,25 @@ fn agent_killed_right_after_it_reports_the_restore_commits_once_it_is_back() {
     let dst_log = s.agent_log(Host::Dst);
     let from = std::fs::metadata(&dst_log).map_or(0, |m| m.len() as usize);
     let (child, log) = spawn_migrate(&s, Host::Dst, &[], &[]);
-    let text = wait_for(&dst_log, "test hold: pausing", Duration::from_secs(60));
-    assert!(text.len() > from);
+    wait_for_after(
+        &dst_log,
+        from,
+        "test hold: pausing",
+        Duration::from_secs(60),
+    );
     s.kill_agent(Host::Dst).expect("kill the agent");
     // The source ended its copy and sent the commit into the void; it waits, in doubt, for the
     // agent to come back. The restarted agent finds its stopped copy in its journal.
     std::thread::sleep(Duration::from_millis(500));
     s.start_agent(Host::Dst).expect("agent restarts");
-    let out = child.wait_with_output().expect("migrate exits");
+    let status = wait_exit(child);
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     println!("{said}");
     println!(
         "destination agent:\n{}",
         std::fs::read_to_string(&dst_log).unwrap_or_default()
     );
-    assert!(out.status.success(), "tether migrate: {said}");
+    assert!(status.success(), "tether migrate: {said}");
     assert!(said.contains("in doubt"), "it says what happened: {said}");
     ends_on_dst(&mut s, c, "agent killed after the restore");
 }
@@ -267,11 +307,11 @@ fn link_blackholed_during_the_frozen_transfer_rolls_back() {
     );
     std::thread::sleep(Duration::from_millis(500));
     s.blackhole_migration_link(true).expect("blackhole");
-    let out = child.wait_with_output().expect("migrate exits");
+    let status = wait_exit(child);
     s.blackhole_migration_link(false).expect("heal");
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     println!("{said}");
-    assert!(!out.status.success());
+    assert!(!status.success());
     assert!(
         said.contains("network side"),
         "it says which side failed: {said}"
@@ -292,10 +332,10 @@ fn link_blackholed_during_the_commit_commits_once_the_link_is_back() {
     s.blackhole_migration_link(true).expect("blackhole");
     std::thread::sleep(Duration::from_secs(8));
     s.blackhole_migration_link(false).expect("heal");
-    let out = child.wait_with_output().expect("migrate exits");
+    let status = wait_exit(child);
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     println!("{said}");
-    assert!(out.status.success(), "tether migrate: {said}");
+    assert!(status.success(), "tether migrate: {said}");
     assert!(said.contains("in doubt"), "it says what happened: {said}");
     ends_on_dst(&mut s, c, "link cut during the commit");
 }

@@ -292,19 +292,42 @@ fn bad_input_gives_a_clear_error_and_changes_nothing() {
     let certs = s.certs(Host::Src).display().to_string();
     let svc = s.topo.service_cidr().to_string();
     let dst = s.agent_addr(Host::Dst).to_string();
-    let run = |s: &Scenario, args: &[&str]| {
-        let out = s
-            .topo
-            .command(Host::Src, s.tether())
-            .arg("migrate")
-            .args(args)
-            .output()
-            .expect("run migrate");
+    let run_named = |s: &Scenario, name: Option<&str>, args: &[&str]| {
+        let mut cmd = s.topo.command(Host::Src, s.tether());
+        cmd.arg("migrate").args(args);
+        // The test bed's directories, not the defaults under /run/tether: removed with it.
+        cmd.arg("--state-dir")
+            .arg(s.migrate_state_dir(Host::Src))
+            .arg("--work-dir")
+            .arg(s.topo.work_dir().join("bad-input-images"));
+        if let Some(name) = name {
+            cmd.args(["--agent-name", name]);
+        }
+        let out = cmd.output().expect("run migrate");
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    let run = |s: &Scenario, args: &[&str]| run_named(s, Some("dst"), args);
+    // No agent name: neither --agent-name nor agents.toml in --certs.
+    let (ok, err) = run_named(
+        &s,
+        None,
+        &[
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &dst,
+            "--certs",
+            &certs,
+            "--service-addr",
+            &svc,
+        ],
+    );
+    assert!(!ok && err.contains("--agent-name NAME"), "{err}");
+    assert!(err.contains("agents.toml"), "{err}");
+    assert!(err.contains("Nothing was changed"), "{err}");
     // A pid that does not exist.
     let (ok, err) = run(
         &s,

@@ -40,11 +40,6 @@ impl<R, O> FileJournal<R, O> {
         })
     }
 
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn record_path(&self, id: &MigrationId) -> PathBuf {
         self.dir.join(format!("{id}.json"))
     }
@@ -152,16 +147,17 @@ mod tests {
 
     #[test]
     fn records_and_outcomes_survive_a_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let j: FileJournal<Vec<u32>, String> = FileJournal::open(dir.path()).expect("open");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("j");
+        let j: FileJournal<Vec<u32>, String> = FileJournal::open(&dir).expect("open");
         let a: MigrationId = "m-a".parse().expect("id");
         let b: MigrationId = "m-b".parse().expect("id");
         j.save(&a, &vec![1]).expect("save");
         j.save(&a, &vec![1, 2]).expect("replace");
         j.save(&b, &vec![3]).expect("save");
         j.end(&b, &"committed".to_string()).expect("end");
-        std::fs::write(dir.path().join("m-c.json"), b"not json").expect("junk");
-        let j: FileJournal<Vec<u32>, String> = FileJournal::open(dir.path()).expect("reopen");
+        std::fs::write(dir.join("m-c.json"), b"not json").expect("junk");
+        let j: FileJournal<Vec<u32>, String> = FileJournal::open(&dir).expect("reopen");
         assert_eq!(j.records(), vec![(a.clone(), vec![1, 2])]);
         assert_eq!(j.outcome(&b), Some("committed".into()));
         assert_eq!(j.outcome(&a), None);
@@ -169,10 +165,7 @@ mod tests {
         j.forget(&a).expect("forget twice");
         assert!(j.records().is_empty());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path())
-            .expect("meta")
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&dir).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
     }
 }

@@ -4,8 +4,8 @@
 //!
 //! - [`protocol`]: the words of the migration protocol (messages, frames, ids, error codes,
 //!   statistics). Pure, a leaf.
-//! - [`report`], [`policy`], [`model`]: the JSON report, the pre-copy convergence policy and the
-//!   migration model. Pure.
+//! - [`report`], [`policy`], [`model`], [`authz`]: the JSON report, the pre-copy convergence
+//!   policy, the migration model, and who may migrate what to an agent. Pure.
 //! - [`machine`]: the protocol's two sides as state machines without I/O
 //!   ([`machine::source`], [`machine::agent`]), and the commit protocol's invariants.
 //! - [`ports`]: the traits the drivers carry the machines' actions out through (checkpoint,
@@ -18,6 +18,7 @@
 //!   `tether agent`.
 //! - [`metrics`], [`progress`]: the agent's Prometheus metrics, progress lines.
 
+pub mod authz;
 pub mod criu;
 pub mod dirs;
 pub mod driver;

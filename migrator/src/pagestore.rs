@@ -4,6 +4,10 @@
 //! pages that changed. Pages are accepted only for owners and address ranges the source has
 //! announced (its processes' mappings); anything else is a protocol error. At the end, CRIU's
 //! `pages-*.img` files are rebuilt from the store plus the final difference.
+//!
+//! The store's limit counts all the memory a peer can make it hold: page data (freed slots
+//! included, the slab does not shrink), an index entry per page, data or zero, and the
+//! announced ranges.
 
 use std::collections::HashMap;
 
@@ -56,8 +60,16 @@ pub struct PageStore {
     index: HashMap<(u64, u64), Slot>,
     slab: Vec<u8>,
     free: Vec<u32>,
+    /// Ranges announced, all owners together.
+    ranges: u64,
     limit: u64,
 }
+
+/// What the store counts for a page's index entry (its key, its slot and the hash table's
+/// overhead), data or zero.
+pub const ENTRY_COST: u64 = 32;
+/// What the store counts for an announced range.
+pub const RANGE_COST: u64 = 16;
 
 static ZERO: [u8; PAGE] = [0; PAGE];
 
@@ -72,6 +84,7 @@ impl PageStore {
             index: HashMap::new(),
             slab: Vec::new(),
             free: Vec::new(),
+            ranges: 0,
             limit,
         }
     }
@@ -96,6 +109,11 @@ impl PageStore {
                 )));
             }
         }
+        let before = self.layout.get(&owner).map_or(0, |r| r.len() as u64);
+        let ranges_after = self.ranges - before + ranges.len() as u64;
+        if self.memory() - self.ranges * RANGE_COST + ranges_after * RANGE_COST > self.limit {
+            return Err(StoreError::Full { limit: self.limit });
+        }
         let gone: Vec<(u64, u64)> = self
             .index
             .keys()
@@ -108,6 +126,7 @@ impl PageStore {
             }
         }
         self.layout.insert(owner, ranges);
+        self.ranges = ranges_after;
         Ok(())
     }
 
@@ -124,15 +143,15 @@ impl PageStore {
                 addr: *addr,
             });
         }
-        let new_data = batch
-            .pages
-            .iter()
-            .filter(|(a, d)| {
-                d.is_some() && !matches!(self.index.get(&(batch.owner, *a)), Some(Slot::Data(_)))
-            })
-            .count() as u64;
-        let held = (self.slab.len() / PAGE - self.free.len()) as u64;
-        if (held + new_data) * PAGE as u64 > self.limit {
+        // At most what the batch adds (a page twice in one batch is counted twice).
+        let (mut new_data, mut new_entries) = (0u64, 0u64);
+        for (a, d) in &batch.pages {
+            let held = self.index.get(&(batch.owner, *a));
+            new_entries += u64::from(held.is_none());
+            new_data += u64::from(d.is_some() && !matches!(held, Some(Slot::Data(_))));
+        }
+        let new_slots = new_data.saturating_sub(self.free.len() as u64);
+        if self.memory() + new_slots * PAGE as u64 + new_entries * ENTRY_COST > self.limit {
             return Err(StoreError::Full { limit: self.limit });
         }
         for (addr, data) in &batch.pages {
@@ -178,6 +197,12 @@ impl PageStore {
                 self.slab.get(at..at + PAGE)
             }
         }
+    }
+
+    /// The memory the store counts against its limit, in bytes: the page slab, an index entry
+    /// per page held (data or zero) and the announced ranges.
+    pub fn memory(&self) -> u64 {
+        self.slab.len() as u64 + self.index.len() as u64 * ENTRY_COST + self.ranges * RANGE_COST
     }
 
     /// Number of pages held.
@@ -276,20 +301,49 @@ mod tests {
 
     #[test]
     fn the_limit_holds() {
-        let mut s = PageStore::new(2 * PAGE as u64);
+        // Two pages, their entries, one zero page's entry and the range.
+        let limit = 2 * PAGE as u64 + 3 * ENTRY_COST + RANGE_COST;
+        let mut s = PageStore::new(limit);
         s.announce(1, vec![(0, 0x10000)]).expect("layout");
         s.apply(&batch(1, vec![(0, page(1)), (0x1000, page(1))]))
             .expect("fits");
         s.apply(&batch(1, vec![(0, page(3))]))
             .expect("overwrite fits");
         s.apply(&batch(1, vec![(0x2000, None)]))
-            .expect("zero pages cost nothing");
+            .expect("a zero page costs its entry");
+        assert_eq!(s.memory(), limit);
         assert_eq!(
             s.apply(&batch(1, vec![(0x3000, page(1))])),
-            Err(StoreError::Full {
-                limit: 2 * PAGE as u64
-            })
+            Err(StoreError::Full { limit })
         );
+        assert_eq!(
+            s.apply(&batch(1, vec![(0x3000, None)])),
+            Err(StoreError::Full { limit }),
+            "zero pages count"
+        );
+    }
+
+    #[test]
+    fn zero_pages_and_layouts_count_against_the_limit() {
+        let mut s = PageStore::new(PAGE as u64);
+        s.announce(1, vec![(0, 1 << 40)]).expect("layout");
+        // A peer sending only zero pages cannot grow the index without bound.
+        let zeros: Vec<(u64, Option<Vec<u8>>)> =
+            (0..1000).map(|i| (i * PAGE as u64, None)).collect();
+        assert_eq!(
+            s.apply(&batch(1, zeros)),
+            Err(StoreError::Full { limit: PAGE as u64 })
+        );
+        assert!(s.is_empty(), "nothing of a refused batch is stored");
+        // Nor the layouts.
+        let many: Vec<(u64, u64)> = (0..1000u64)
+            .map(|i| (i * 0x2000, i * 0x2000 + 0x1000))
+            .collect();
+        assert_eq!(
+            s.announce(2, many),
+            Err(StoreError::Full { limit: PAGE as u64 })
+        );
+        assert!(s.memory() <= PAGE as u64);
     }
 
     #[test]

@@ -84,34 +84,21 @@ pub struct Config {
     /// The dirty rate outruns the link when dirty bytes per second reach this multiple of the
     /// bandwidth; > 0.
     pub throttle_trigger: f64,
-    /// How the frozen phase's fixed cost follows from a scan of the live tree.
-    pub frozen: FrozenCost,
 }
 
-/// The frozen phase's fixed cost as a function of the state size, calibrated in units of one
-/// scan of the live tree (so it follows the host's memory speed).
+/// The frozen phase's fixed cost for a minimal process (CRIU's dump and restore set-up, the
+/// round trips); [`Policy::observe_scan`] adds [`FROZEN_SCAN_PASSES`] scans of the whole state.
 ///
-/// While frozen, tether passes over the whole state about four times: CRIU's dump to tmpfs, the
-/// source's comparison that reads the dump back, the destination's rebuild of CRIU's page files,
-/// and the restore. Against `scripts/bench-migration.sh` that cost about eight times one scan's
-/// duration per byte plus ~120 ms. Without it the policy chases downtime limits no state size
-/// allows.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FrozenCost {
-    /// The cost of a minimal process: CRIU's dump and restore set-up, the round trips.
-    pub base: Duration,
-    /// The memory-proportional part, in scans of the whole state.
-    pub scan_passes: f64,
-}
-
-impl Default for FrozenCost {
-    fn default() -> FrozenCost {
-        FrozenCost {
-            base: Duration::from_millis(120),
-            scan_passes: 8.0,
-        }
-    }
-}
+/// The cost is calibrated in units of one scan of the live tree, so that it follows the host's
+/// memory speed. While frozen, tether passes over the whole state about four times: CRIU's dump
+/// to tmpfs, the source's comparison that reads the dump back, the destination's rebuild of
+/// CRIU's page files, and the restore. Against `scripts/bench-migration.sh` that cost about eight
+/// times one scan's duration per byte plus ~120 ms. Without it the policy chases downtime limits
+/// no state size allows.
+const FROZEN_BASE: Duration = Duration::from_millis(120);
+/// The memory-proportional part of the frozen phase's cost, in scans of the whole state (see
+/// [`FROZEN_BASE`]).
+const FROZEN_SCAN_PASSES: f64 = 8.0;
 
 impl Default for Config {
     fn default() -> Config {
@@ -125,7 +112,6 @@ impl Default for Config {
             auto_converge: false,
             throttle: ThrottleSteps::default(),
             throttle_trigger: 1.0,
-            frozen: FrozenCost::default(),
         }
     }
 }
@@ -158,12 +144,6 @@ impl Config {
             return invalid(
                 "throttle_trigger",
                 &format!("{} is not a positive number", self.throttle_trigger),
-            );
-        }
-        if !(self.frozen.scan_passes >= 0.0 && self.frozen.scan_passes.is_finite()) {
-            return invalid(
-                "frozen.scan_passes",
-                &format!("{} is not a number >= 0", self.frozen.scan_passes),
             );
         }
         let t = self.throttle;
@@ -311,10 +291,8 @@ impl Policy {
             self.scan_per_byte = Some(self.scan_per_byte.map_or(per_byte, |p| p.min(per_byte)));
         }
         if let Some(per_byte) = self.scan_per_byte {
-            let f = self.config.frozen;
-            let proportional = f.scan_passes * per_byte * state_bytes as f64;
-            self.fixed_cost = f
-                .base
+            let proportional = FROZEN_SCAN_PASSES * per_byte * state_bytes as f64;
+            self.fixed_cost = FROZEN_BASE
                 .saturating_add(Duration::try_from_secs_f64(proportional).unwrap_or(Duration::MAX));
         }
         self.fixed_cost
@@ -425,7 +403,6 @@ mod tests {
             auto_converge: false,
             throttle: ThrottleSteps::default(),
             throttle_trigger: 1.0,
-            frozen: FrozenCost::default(),
         }
     }
 

@@ -42,13 +42,43 @@ enum Version {
     V2,
 }
 
+impl Version {
+    /// The root of the CPU controller's hierarchy.
+    fn root(self) -> PathBuf {
+        PathBuf::from(match self {
+            Version::V1 => "/sys/fs/cgroup/cpu",
+            Version::V2 => "/sys/fs/cgroup",
+        })
+    }
+
+    /// The cgroup of migration `name`'s throttle.
+    fn dir(self, name: &str) -> PathBuf {
+        self.root().join(format!("tether-{name}"))
+    }
+
+    /// Sets the CPU quota of cgroup `dir`: `quota` microseconds every `period`, or no limit
+    /// (`None`).
+    fn set_quota(self, dir: &Path, quota: Option<(u64, u64)>) -> Result<(), ThrottleError> {
+        match (self, quota) {
+            (Version::V1, Some((quota, period))) => {
+                write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
+                write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())
+            }
+            (Version::V1, None) => write(&dir.join("cpu.cfs_quota_us"), "-1"),
+            (Version::V2, Some((quota, period))) => {
+                write(&dir.join("cpu.max"), &format!("{quota} {period}"))
+            }
+            (Version::V2, None) => write(&dir.join("cpu.max"), "max"),
+        }
+    }
+}
+
 /// A throttled tree. Dropping it releases the throttle.
 #[derive(Debug)]
 pub struct Throttle {
     version: Version,
     dir: PathBuf,
     moved: Vec<(i32, PathBuf)>,
-    percent: u8,
     /// CPUs' worth of time the tree used when the throttle began: a cut of p% leaves it
     /// (100 - p)% of that, as QEMU's throttle leaves a vCPU (100 - p)% of its time.
     usage: f64,
@@ -125,16 +155,17 @@ impl Throttle {
         percent: u8,
         usage: f64,
     ) -> Result<Throttle, ThrottleError> {
-        let (version, root) = if Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() {
-            (Version::V1, PathBuf::from("/sys/fs/cgroup/cpu"))
-        } else if std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        let version = if Version::V1.root().join("cpu.cfs_quota_us").exists() {
+            Version::V1
+        } else if std::fs::read_to_string(Version::V2.root().join("cgroup.controllers"))
             .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu"))
         {
-            (Version::V2, PathBuf::from("/sys/fs/cgroup"))
+            Version::V2
         } else {
             return Err(ThrottleError::NoController);
         };
-        let dir = root.join(format!("tether-{name}"));
+        let root = version.root();
+        let dir = version.dir(name);
         std::fs::create_dir_all(&dir).map_err(|source| ThrottleError::Io {
             path: dir.clone(),
             source,
@@ -143,7 +174,6 @@ impl Throttle {
             version,
             dir,
             moved: Vec::new(),
-            percent: 0,
             usage: usage.max(0.01),
         };
         t.set(percent)?;
@@ -161,21 +191,8 @@ impl Throttle {
 
     /// Changes the cut to `percent`.
     pub fn set(&mut self, percent: u8) -> Result<(), ThrottleError> {
-        let (quota, period) = quota_period_us(percent, self.usage);
-        match self.version {
-            Version::V1 => {
-                write(&self.dir.join("cpu.cfs_period_us"), &period.to_string())?;
-                write(&self.dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
-            }
-            Version::V2 => write(&self.dir.join("cpu.max"), &format!("{quota} {period}"))?,
-        }
-        self.percent = percent;
-        Ok(())
-    }
-
-    /// The current cut, percent.
-    pub fn percent(&self) -> u8 {
-        self.percent
+        let quota = quota_period_us(percent, self.usage);
+        self.version.set_quota(&self.dir, Some(quota))
     }
 
     fn release_inner(&mut self) {
@@ -203,25 +220,12 @@ impl Throttle {
 /// processes stay in the throttle's cgroup (their original cgroups died with the migrator's
 /// memory) but get their whole CPU back. Nothing to do if there is no such cgroup.
 pub fn release_leftover(name: &str) {
-    let dirs = [
-        (
-            Version::V1,
-            PathBuf::from("/sys/fs/cgroup/cpu").join(format!("tether-{name}")),
-        ),
-        (
-            Version::V2,
-            PathBuf::from("/sys/fs/cgroup").join(format!("tether-{name}")),
-        ),
-    ];
-    for (version, dir) in dirs {
+    for version in [Version::V1, Version::V2] {
+        let dir = version.dir(name);
         if !dir.is_dir() {
             continue;
         }
-        let r = match version {
-            Version::V1 => write(&dir.join("cpu.cfs_quota_us"), "-1"),
-            Version::V2 => write(&dir.join("cpu.max"), "max"),
-        };
-        match r {
+        match version.set_quota(&dir, None) {
             Ok(()) => tracing::warn!(
                 "lifted the CPU throttle an earlier `tether migrate` left in {}",
                 dir.display()

@@ -75,14 +75,14 @@ pub fn server(identity: &Identity, listen: SocketAddr) -> Result<quinn::Endpoint
     quinn::Endpoint::server(cfg, listen).map_err(TransportError::Endpoint)
 }
 
-/// Connects to an agent.
+/// Connects to the agent at `to`, whose server certificate must carry `agent_name`.
 pub async fn connect(
     identity: &Identity,
     to: SocketAddr,
-    agent_name: Option<&str>,
+    agent_name: &str,
     timeout: Duration,
 ) -> Result<(quinn::Endpoint, quinn::Connection), TransportError> {
-    let crypto = QuicClientConfig::try_from(identity.client_config(agent_name)?)
+    let crypto = QuicClientConfig::try_from(identity.client_config()?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config()));
@@ -93,9 +93,8 @@ pub async fn connect(
     };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(TransportError::Endpoint)?;
     endpoint.set_default_client_config(cfg);
-    let name = agent_name.unwrap_or(crate::tls::ANY_AGENT);
     let connecting = endpoint
-        .connect(to, name)
+        .connect(to, agent_name)
         .map_err(|e| TransportError::Connect {
             addr: to,
             reason: e.to_string(),
@@ -156,11 +155,6 @@ pub async fn close(endpoint: &quinn::Endpoint, conn: &quinn::Connection, code: u
     let reason = &reason.as_bytes()[..reason.len().min(512)];
     conn.close(quinn::VarInt::from_u32(code), reason);
     let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
-}
-
-/// Aborts the migration on `conn`: [`close`] with [`ABORT`].
-pub async fn abort(endpoint: &quinn::Endpoint, conn: &quinn::Connection, reason: &str) {
-    close(endpoint, conn, ABORT, reason).await
 }
 
 /// The sending half of a migration stream.

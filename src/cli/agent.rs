@@ -5,12 +5,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use tether_migrator::authz::{Authorization, ServicePrefix};
 use tether_migrator::driver::agent::{self, AgentConfig, LazyRestore};
 
 use super::units::parse_duration;
 
-/// Receive migrations on this host: accept image sets over QUIC from hosts with a certificate of
-/// the same CA, restore them with CRIU, and hand the outcome back to the source.
+/// Receive migrations on this host and restore them with CRIU.
+///
+/// Accepts image sets over QUIC from the allowed sources (mutual TLS with the cluster's CA),
+/// restores them, and hands the outcome back to the source.
 ///
 /// A restored service is left stopped, its address blocked (inbound, outbound and ARP), until
 /// the source, having ended its own copy, sends the commit; then it runs and the address is
@@ -18,6 +21,11 @@ use super::units::parse_duration;
 /// is kept until the source resolves it (`Resolve`, from a reconnecting or restarted `tether
 /// migrate`) or --in-doubt-timeout passes. Every step is journaled in --state-dir first: a
 /// restarted agent resumes what it finds there.
+///
+/// Who may migrate what here is the operator's to say: the certificate names of the sources
+/// (--allow-source) and the address blocks their services may claim (--allow-service) are
+/// required; the host's own addresses and gateways are always refused. Each migration may hold
+/// --max-image-mib, all together --max-memory-mib, at most --max-migrations at once.
 ///
 /// Run as root in the network namespace the services should live in.
 #[derive(Debug, clap::Args)]
@@ -31,12 +39,30 @@ pub struct AgentArgs {
     /// Interface for service addresses (default: the one whose subnet contains the address).
     #[arg(long, value_name = "IFACE")]
     interface: Option<String>,
-    /// Where image sets are received; use tmpfs (memory images are secret: mode 0700).
-    #[arg(long, value_name = "DIR", default_value = "/dev/shm/tether-agent")]
+    /// A source that may migrate services here: the name its certificate carries (`tether
+    /// certs --name`). Repeat for each. Hosts of the CA not named here are refused.
+    #[arg(long = "allow-source", value_name = "NAME", required = true)]
+    allow_sources: Vec<String>,
+    /// An address block services may claim here, e.g. 10.77.0.0/24; a service address must
+    /// lie in it and carry its prefix length, and may not be its network or broadcast address.
+    /// Repeat for each block.
+    #[arg(long = "allow-service", value_name = "NETWORK/PREFIX", required = true)]
+    allow_services: Vec<ServicePrefix>,
+    /// Most migrations in progress here at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    max_migrations: usize,
+    /// Most memory all migrations here may hold together (received image files plus pre-copied
+    /// pages), in MiB. Default: half of this host's memory.
+    #[arg(long, value_name = "MIB")]
+    max_memory_mib: Option<u64>,
+    /// Where image sets are received: a tmpfs directory (memory images are secret). If it
+    /// exists it must be a real directory owned by root with mode 0700, in parents only root
+    /// can change; else the agent refuses to start.
+    #[arg(long, value_name = "DIR", default_value = "/run/tether/agent/images")]
     work_dir: PathBuf,
     /// Where migrations in flight and their outcomes are journaled, so that a restarted agent
-    /// resumes or undoes them (on disk, mode 0700).
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/tether/agent")]
+    /// resumes or undoes them (same checks as --work-dir).
+    #[arg(long, value_name = "DIR", default_value = "/run/tether/agent/journal")]
     state_dir: PathBuf,
     /// How long a restored copy whose source went silent after the restore is kept (stopped,
     /// unreachable) for the source to say whether it committed; then it is undone (the source
@@ -75,6 +101,10 @@ enum LazyArg {
 
 /// Runs `tether agent` until SIGINT or SIGTERM.
 pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
+    let max_memory_bytes = match a.max_memory_mib {
+        Some(m) => m.saturating_mul(1 << 20),
+        None => half_of_memory()?,
+    };
     let cfg = AgentConfig {
         listen: a.listen,
         certs: a.certs,
@@ -90,7 +120,24 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             LazyArg::Never => LazyRestore::Never,
         },
         in_doubt_timeout: a.in_doubt_timeout,
+        authorization: Authorization {
+            sources: a.allow_sources,
+            services: a.allow_services,
+            max_migrations: a.max_migrations,
+        },
+        max_memory_bytes,
     };
     agent::run(cfg, super::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Half of this host's memory (`MemTotal` in /proc/meminfo), in bytes.
+fn half_of_memory() -> anyhow::Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo")?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no MemTotal in /proc/meminfo: give --max-memory-mib"))?;
+    Ok(kib * 1024 / 2)
 }

@@ -27,6 +27,10 @@ use super::units::{parse_duration, parse_rate};
 /// copy (before the commit point) or has ended it (after); the next `tether migrate`, or
 /// `tether migrate --recover`, finishes what was left from the journal in --state-dir.
 ///
+/// The agent is authenticated by its certificate, which must chain to the trust bundle of
+/// --certs and carry the agent's name: --agent-name, or the name agents.toml in --certs gives
+/// for --to. `--recover` uses the name journaled with each migration.
+///
 /// Exit status: 0 committed; 1 not committed (the message says which side failed, in which
 /// phase, and where the service runs); 2 in doubt or no copy runs (the message says what to do).
 #[derive(Debug, clap::Args)]
@@ -43,7 +47,10 @@ pub struct MigrateArgs {
     /// The service's address, which moves with it.
     #[arg(long, value_name = "IP/PREFIX", required_unless_present = "recover")]
     service_addr: Option<ServiceAddr>,
-    /// The name the agent's certificate must carry (default: any host of the CA).
+    /// The name the agent's certificates were issued for (`tether certs --name`): its
+    /// certificate must carry it. Required, unless --certs DIR holds agents.toml naming the
+    /// --to address, e.g. `"10.78.0.3:7700" = "edge2"` (or `"10.78.0.3" = "edge2"` for any
+    /// port); without either, nothing is started.
     #[arg(long, value_name = "NAME")]
     agent_name: Option<String>,
     /// Only resolve migrations an earlier `tether migrate` left unfinished (it was killed, or
@@ -57,12 +64,18 @@ pub struct MigrateArgs {
     /// Print the JSON report to stdout.
     #[arg(long)]
     json: bool,
-    /// Where the dump is written; use tmpfs (mode 0700, removed afterwards).
-    #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
+    /// Where the dump is written, one directory per migration (removed afterwards): a tmpfs
+    /// directory. If it exists it must be a real directory owned by root with mode 0700, in
+    /// parents only root can change.
+    #[arg(long, value_name = "DIR", default_value = "/run/tether/migrate/images")]
     work_dir: PathBuf,
-    /// Where migrations in flight are journaled, so that a crash can be resolved (on disk, mode
-    /// 0700).
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/tether/migrate")]
+    /// Where migrations in flight are journaled, so that a crash can be resolved (same checks
+    /// as --work-dir).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/run/tether/migrate/journal"
+    )]
     state_dir: PathBuf,
     /// The longest the service may stay frozen (from CRIU's freeze to the destination's restore
     /// report) before the migration rolls back. With --proxy it must be below the proxy's
@@ -125,7 +138,7 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         Ok(())
     };
     if a.recover {
-        let results = source::recover(&a.state_dir).await;
+        let results = source::recover(&a.state_dir).await?;
         if results.is_empty() {
             eprintln!(
                 "tether: nothing to recover in {}: no migration was left unfinished",

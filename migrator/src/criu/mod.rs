@@ -145,7 +145,6 @@ impl Criu {
         opts.notify_scripts = Some(true);
         opts.log_file = Some(DUMP_LOG.into());
         opts.log_level = Some(self.log_level);
-        let requested = Instant::now();
         worker
             .send(&Req {
                 r#type: ReqType::Dump as i32,
@@ -156,7 +155,6 @@ impl Criu {
         Ok(DumpSession {
             worker,
             images: images.to_path_buf(),
-            requested,
             frozen: false,
             at: None,
             committed: false,
@@ -255,7 +253,6 @@ impl DumpPoint {
 pub struct DumpSession {
     worker: Worker,
     images: PathBuf,
-    requested: Instant,
     /// The freeze point was seen (CRIU may name it twice).
     frozen: bool,
     /// The point CRIU waits at for our answer, if any.
@@ -294,16 +291,6 @@ impl DumpSession {
                 }
             }
         }
-    }
-
-    /// The CRIU worker's pid.
-    pub fn worker_pid(&self) -> Option<u32> {
-        self.worker.pid()
-    }
-
-    /// Time since the dump was requested.
-    pub fn since_request(&self) -> Duration {
-        self.requested.elapsed()
     }
 
     /// Answers post-dump with success, on a dump held at [`DumpPoint::Dumped`]: CRIU kills the

@@ -155,6 +155,17 @@ pub enum PagesError {
         /// The file name.
         name: String,
     },
+    /// The page maps declare more page data than allowed (they come from a peer).
+    #[error(
+        "the dump's page maps declare {declared} bytes of page data, more than the {max} bytes \
+         allowed"
+    )]
+    TooLarge {
+        /// Bytes declared (saturated at `u64::MAX`).
+        declared: u64,
+        /// The most allowed.
+        max: u64,
+    },
     /// A pages file's length is not what its page map implies.
     #[error("pages file {path} holds {actual} bytes, its page map implies {expected}")]
     Length {
@@ -545,6 +556,20 @@ impl MemoryImages {
         })
     }
 
+    /// The page data all page maps declare, if at most `max` bytes: check it before anything is
+    /// sized by the maps (the rebuild keeps a flag per declared page).
+    pub fn data_len_within(&self, max: u64) -> Result<u64, PagesError> {
+        let declared = self
+            .maps
+            .iter()
+            .try_fold(0u64, |sum, m| sum.checked_add(m.data_len()))
+            .unwrap_or(u64::MAX);
+        if declared > max {
+            return Err(PagesError::TooLarge { declared, max });
+        }
+        Ok(declared)
+    }
+
     /// The directory the images were read from.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -639,6 +664,23 @@ where
     MemoryImages::load(dir)?.for_each_page(f)
 }
 
+/// A page map image as CRIU writes it (magics, head, entries): what [`PageMap::parse`] reads.
+/// For tests and tools that make image sets; tether itself only reads them.
+pub fn pagemap_image(pages_id: u32, entries: &[PagemapEntry]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&IMG_COMMON_MAGIC.to_ne_bytes());
+    v.extend_from_slice(&PAGEMAP_MAGIC.to_ne_bytes());
+    let mut push = |body: Vec<u8>| {
+        v.extend_from_slice(&(body.len() as u32).to_ne_bytes());
+        v.extend_from_slice(&body);
+    };
+    push(PagemapHead { pages_id }.encode_to_vec());
+    for e in entries {
+        push(e.encode_to_vec());
+    }
+    v
+}
+
 /// Rebuilds every pages file in `dir` from the page maps there and `source` (see
 /// [`MemoryImages::write_pages`]).
 pub fn rebuild_pages<'a, S>(dir: &Path, source: S) -> Result<Totals, PagesError>
@@ -661,21 +703,6 @@ mod tests {
             flags,
             nr_pages: Some(nr),
         }
-    }
-
-    fn pagemap_image(pages_id: u32, entries: &[PagemapEntry]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&IMG_COMMON_MAGIC.to_ne_bytes());
-        v.extend_from_slice(&PAGEMAP_MAGIC.to_ne_bytes());
-        let mut push = |body: Vec<u8>| {
-            v.extend_from_slice(&(body.len() as u32).to_ne_bytes());
-            v.extend_from_slice(&body);
-        };
-        push(PagemapHead { pages_id }.encode_to_vec());
-        for e in entries {
-            push(e.encode_to_vec());
-        }
-        v
     }
 
     fn page_of(owner: Owner, vaddr: u64) -> Vec<u8> {

@@ -481,30 +481,21 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::criu::pages::{PagemapEntry, PagemapHead, PAGEMAP_MAGIC, PE_PRESENT};
+    use crate::criu::pages::{pagemap_image, PagemapEntry, PE_PRESENT};
     use crate::protocol::PAGE;
-    use prost::Message;
 
     /// Writes a one-page image set for this process: `vaddr` with `data`.
     fn image(dir: &Path, ns_pid: i32, vaddr: u64, data: &[u8]) {
-        const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
-        let mut v = Vec::new();
-        v.extend_from_slice(&IMG_COMMON_MAGIC.to_ne_bytes());
-        v.extend_from_slice(&PAGEMAP_MAGIC.to_ne_bytes());
-        for body in [
-            PagemapHead { pages_id: 1 }.encode_to_vec(),
-            PagemapEntry {
+        let v = pagemap_image(
+            1,
+            &[PagemapEntry {
                 vaddr,
                 compat_nr_pages: 0,
                 in_parent: None,
                 flags: Some(PE_PRESENT),
                 nr_pages: Some(1),
-            }
-            .encode_to_vec(),
-        ] {
-            v.extend_from_slice(&(body.len() as u32).to_ne_bytes());
-            v.extend_from_slice(&body);
-        }
+            }],
+        );
         std::fs::write(dir.join(format!("pagemap-{ns_pid}.img")), v).expect("pagemap");
         std::fs::write(dir.join("pages-1.img"), data).expect("pages");
     }

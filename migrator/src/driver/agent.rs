@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use super::lock;
 use super::receive::Receiver;
+use crate::authz::{Authorization, MemoryBudget};
 use crate::criu::tree::{process_start_time, CriuTree};
 use crate::criu::{Criu, CriuError};
 use crate::hostnet::HostAddressMover;
@@ -57,7 +59,7 @@ const SHUTDOWN_UNDO_WAIT: Duration = Duration::from_secs(10);
 pub struct AgentConfig {
     /// QUIC listen address.
     pub listen: SocketAddr,
-    /// Host certificate directory (`ca.pem`, `cert.pem`, `key.pem`).
+    /// Host certificate directory (`ca.pem`, `server.pem`, `server.key`, from `tether certs`).
     pub certs: PathBuf,
     /// Interface for service addresses; by default the one whose subnet contains the address.
     pub interface: Option<String>,
@@ -76,6 +78,10 @@ pub struct AgentConfig {
     /// How long a restored copy is kept, stopped and unreachable, for a source that does not
     /// say how its migration ended.
     pub in_doubt_timeout: Duration,
+    /// Which sources may migrate which services here, and how many at once.
+    pub authorization: Authorization,
+    /// Memory all migrations here may hold together (image files plus page stores), in bytes.
+    pub max_memory_bytes: u64,
 }
 
 /// Whether the agent restores memory lazily: the service runs as soon as its mappings exist and
@@ -126,6 +132,10 @@ pub struct AgentRecord {
     pub restored: Option<(i32, u64)>,
     /// The lazy-pages daemon and its start time.
     pub lazy_daemon: Option<(i32, u64)>,
+    /// The source's certificate name: only it may resolve the migration. (Records of agents
+    /// before it was kept have none: any allowed source may resolve those.)
+    #[serde(default)]
+    pub source: String,
 }
 
 type AgentJournal = FileJournal<AgentRecord, AgentOutcome>;
@@ -169,6 +179,10 @@ struct Shared<C: Checkpointer, N, J> {
     tasks: Mutex<HashMap<MigrationId, mpsc::UnboundedSender<TaskInput>>>,
     /// Service addresses with a migration in flight here.
     busy: Mutex<HashSet<Ipv4Addr>>,
+    /// The source (certificate name) of each migration with a task: only it may resolve it.
+    owners: Mutex<HashMap<MigrationId, String>>,
+    /// The memory all migrations here hold.
+    budget: Arc<MemoryBudget>,
     /// Restored services this agent is the parent of, reaped when they exit.
     children: Arc<Mutex<Vec<i32>>>,
     /// Committed lazy restores whose memory is still being filled in.
@@ -181,15 +195,22 @@ impl<C: Checkpointer, N, J> std::fmt::Debug for Shared<C, N, J> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Runs the agent until `shutdown` completes.
 pub async fn run(
     cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    // First: nothing else runs if another user could reach the images or the journal.
+    for d in [&cfg.work_dir, &cfg.state_dir] {
+        crate::dirs::private_dir(d).map_err(|e| AgentError::Setup(e.to_string()))?;
+    }
+    if !crate::dirs::on_tmpfs(&cfg.work_dir) {
+        warn!(
+            dir = %cfg.work_dir.display(),
+            "the work directory is not on tmpfs: received image sets go to disk, which slows \
+             every restore (give --work-dir a tmpfs directory, e.g. under /dev/shm)"
+        );
+    }
     let identity = Identity::load(&cfg.certs).map_err(TransportError::from)?;
     // Restored services are created as siblings of CRIU, i.e. our children; orphans of theirs
     // come to us too and are reaped at once (PID 1 here reaps late).
@@ -210,10 +231,6 @@ pub async fn run(
             true
         }
     };
-    for d in [&cfg.work_dir, &cfg.state_dir] {
-        crate::dirs::private_dir(d)
-            .map_err(|e| AgentError::Setup(format!("{}: {e}", d.display())))?;
-    }
     let journal =
         AgentJournal::open(&cfg.state_dir).map_err(|e| AgentError::Setup(e.to_string()))?;
     let net = HostAddressMover::new().map_err(|e| AgentError::Setup(e.to_string()))?;
@@ -279,6 +296,8 @@ where
         metrics: ports.metrics,
         tasks: Mutex::new(HashMap::new()),
         busy: Mutex::new(HashSet::new()),
+        owners: Mutex::new(HashMap::new()),
+        budget: MemoryBudget::new(cfg.max_memory_bytes),
         children: Arc::new(Mutex::new(Vec::new())),
         lazy_fills: Mutex::new(Vec::new()),
         cfg,
@@ -293,6 +312,9 @@ where
     }
     for (id, record) in records {
         shared.metrics.leftovers_undone_total.inc();
+        // The address stays claimed by the resumed migration until it ends, as for a new one:
+        // a second migration of it must be refused meanwhile.
+        lock(&shared.busy).insert(record.service_addr.addr());
         let m = AgentMachine::recover(
             shared.machine,
             record.service_addr,
@@ -419,6 +441,15 @@ where
             return;
         }
     };
+    // Authenticated is not authorized: a source not named by --allow-source gets nothing here,
+    // neither a migration nor an answer about one.
+    if let Err(r) = shared.cfg.authorization.check_source(&peer) {
+        warn!(%remote, %peer, "refused {}: {r}", opening.name());
+        shared.metrics.ended(MetricOutcome::Refused);
+        let _ = tx.send(&refuse(ErrorCode::Refused, r.to_string())).await;
+        finish(tx, conn).await;
+        return;
+    }
     match opening {
         ToAgent::Hello {
             protocol,
@@ -443,6 +474,14 @@ where
                     ErrorCode::Refused,
                     format!("migration id {migration_id} was used before; ids are never reused"),
                 ))
+            } else if let Err(r) = shared.cfg.authorization.check_service(service_addr) {
+                Some(refuse(ErrorCode::Refused, r.to_string()))
+            } else if let Err(r) = shared
+                .cfg
+                .authorization
+                .check_count(lock(&shared.tasks).len())
+            {
+                Some(refuse(ErrorCode::Busy, r.to_string()))
             } else if !lock(&shared.busy).insert(service_addr.addr()) {
                 Some(refuse(
                     ErrorCode::Busy,
@@ -468,6 +507,7 @@ where
                 images,
                 restored: None,
                 lazy_daemon: None,
+                source: peer.clone(),
             };
             let m = AgentMachine::new(shared.machine, service_addr, Instant::now());
             let _g = span.enter();
@@ -485,7 +525,7 @@ where
                         reason: format!("protocol {protocol} not supported"),
                     }
                 } else {
-                    resolve(&shared, &migration_id, decision).await
+                    resolve(&shared, &migration_id, decision, &peer).await
                 };
                 info!(?resolution, "resolve answered");
                 let _ = tx.send(&FromAgent::Resolved { resolution }).await;
@@ -514,11 +554,19 @@ async fn resolve<C, N, J>(
     shared: &Shared<C, N, J>,
     id: &MigrationId,
     decision: Decision,
+    peer: &str,
 ) -> Resolution
 where
     C: Checkpointer,
     J: Journal<AgentRecord, AgentOutcome>,
 {
+    if let Some(owner) = lock(&shared.owners)
+        .get(id)
+        .filter(|o| !o.is_empty() && *o != peer)
+    {
+        warn!(%owner, "a source that did not start this migration tried to resolve it");
+        return Resolution::Pending;
+    }
     let task = lock(&shared.tasks).get(id).cloned();
     if let Some(task) = task {
         let (reply, answer) = oneshot::channel();
@@ -558,6 +606,7 @@ fn spawn_task<C, N, J>(
 {
     let (tx, rx) = mpsc::unbounded_channel();
     lock(&shared.tasks).insert(id.clone(), tx.clone());
+    lock(&shared.owners).insert(id.clone(), record.source.clone());
     shared.metrics.migrations_in_progress.add(1);
     let shared = shared.clone();
     tokio::spawn(
@@ -566,6 +615,7 @@ fn spawn_task<C, N, J>(
             let outcome =
                 Task::run(shared.clone(), id.clone(), machine, record, conn, tx, rx).await;
             lock(&shared.tasks).remove(&id);
+            lock(&shared.owners).remove(&id);
             lock(&shared.busy).remove(&addr);
             shared.metrics.migrations_in_progress.add(-1);
             if let Some(o) = outcome {
@@ -735,6 +785,7 @@ where
             self.receiver = Some(Receiver::new(
                 &self.record.images,
                 self.shared.cfg.max_image_bytes,
+                self.shared.budget.reserve(),
                 self.shared.metrics.clone(),
             )?);
         }
@@ -910,15 +961,6 @@ where
                     self.record.service_addr.addr(),
                     self.record.dev.clone(),
                 );
-                // What removes the image set once it is no longer read: the lazy-pages daemon's
-                // watcher when it has filled the memory in, else this task once the tree runs.
-                let images = std::mem::take(&mut self.record.images);
-                let cleanup = match (self.lazy.take(), self.record.lazy_daemon) {
-                    (Some(daemon), _) => Cleanup::Lazy(Box::new(daemon)),
-                    // A daemon an earlier agent started: watch it by its pid.
-                    (None, Some(pd)) => Cleanup::LazyPid(pd),
-                    (None, None) => Cleanup::Now,
-                };
                 // Inline, not in a task of its own: this is the commit's critical path.
                 // The block goes first, the LAN is told, then the tree runs. The other order
                 // drops whatever the service sends in between at the output hook, and a restored
@@ -952,15 +994,21 @@ where
                 let ok = r.is_ok();
                 machine.handle(now(), AgentEvent::WentLive(r));
                 if !ok {
-                    // The undo that follows removes the images.
+                    // The undo that follows removes the images (still in the record).
                     return;
                 }
-                let metrics = self.shared.metrics.clone();
-                let fill = match cleanup {
-                    Cleanup::Lazy(daemon) => {
-                        tokio::spawn(finish_lazy(*daemon, images, metrics).in_current_span())
+                // The machine has queued `Committed`, sent once this returns: whatever removes
+                // the image set runs in a task of its own, off the commit's path. That is the
+                // lazy-pages daemon's watcher once it has filled the memory in, else a blocking
+                // thread at once (nothing reads the images any more).
+                let images = std::mem::take(&mut self.record.images);
+                let fill = match (self.lazy.take(), self.record.lazy_daemon) {
+                    (Some(daemon), _) => {
+                        let metrics = self.shared.metrics.clone();
+                        tokio::spawn(finish_lazy(daemon, images, metrics).in_current_span())
                     }
-                    Cleanup::LazyPid((p, s)) => tokio::spawn(
+                    // A daemon an earlier agent started: watch it by its pid.
+                    (None, Some((p, s))) => tokio::spawn(
                         async move {
                             let t = Instant::now();
                             while process_start_time(p) == Some(s)
@@ -973,8 +1021,10 @@ where
                         }
                         .in_current_span(),
                     ),
-                    Cleanup::Now => {
-                        let _ = std::fs::remove_dir_all(&images);
+                    (None, None) => {
+                        tokio::task::spawn_blocking(move || {
+                            let _ = std::fs::remove_dir_all(&images);
+                        });
                         return;
                     }
                 };
@@ -1012,16 +1062,6 @@ where
             }
         }
     }
-}
-
-/// What removes a committed migration's image set.
-enum Cleanup<L> {
-    /// The lazy-pages daemon's watcher, once it filled the memory in.
-    Lazy(Box<L>),
-    /// A watcher of an earlier agent's daemon, by pid and start time.
-    LazyPid((i32, u64)),
-    /// Nothing reads it any more.
-    Now,
 }
 
 /// Undoes everything of a migration on this host: kills a restored copy, then its lazy-pages

@@ -15,6 +15,12 @@ pub mod source;
 use crate::machine::ConnectionEnd;
 use crate::transport::TransportError;
 
+/// Locks `m`, taking the data of a poisoned mutex as it is: the drivers' mutexes guard plain
+/// records and tables whose every update is one assignment, never left half done by a panic.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What the end of a migration stream means for a machine: `err` is how reading it failed
 /// (`None`: the peer finished the stream), `peer` names the peer in the reason.
 pub(crate) fn connection_end(peer: &str, err: Option<TransportError>) -> ConnectionEnd {

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
+use crate::authz::Reservation;
 use crate::criu::pages::{self, MemoryImages, Owner};
 use crate::criu::rebuild::PagesDraft;
 use crate::machine::PortError;
 use crate::metrics::AgentMetrics;
-use crate::pagestore::{merge_ranges, PageStore};
+use crate::pagestore::{merge_ranges, PageStore, StoreError};
 use crate::protocol::{ErrorCode, PageBatch};
 
 fn data(what: &str, e: impl std::fmt::Display) -> PortError {
@@ -38,13 +39,29 @@ pub struct Receiver {
     draft: Option<tokio::task::JoinHandle<DraftResult>>,
     final_pages: Vec<(Owner, PageBatch)>,
     metrics: Arc<AgentMetrics>,
+    /// The most image bytes (files plus page data) this migration may bring.
+    max_bytes: u64,
+    /// This migration's share of the host's memory budget.
+    budget: Reservation,
+    /// Image file bytes written.
+    file_bytes: u64,
+    /// Page data the rebuild writes (the dump's page maps' data).
+    rebuilt_bytes: u64,
+    /// Page data of the final difference held until the rebuild patches it in.
+    final_bytes: u64,
+}
+
+fn limit(e: impl std::fmt::Display) -> PortError {
+    PortError::new(ErrorCode::Limit, e.to_string())
 }
 
 impl Receiver {
-    /// A receiver writing into `dir` (created, private), storing at most `max_bytes` of pages.
+    /// A receiver writing into `dir` (created, private), holding at most `max_bytes` of pages
+    /// and files, and charging what it holds to `budget`.
     pub fn new(
         dir: &Path,
         max_bytes: u64,
+        budget: Reservation,
         metrics: Arc<AgentMetrics>,
     ) -> Result<Receiver, PortError> {
         crate::dirs::private_dir(dir)
@@ -57,12 +74,20 @@ impl Receiver {
             draft: None,
             final_pages: Vec::new(),
             metrics,
+            max_bytes,
+            budget,
+            file_bytes: 0,
+            rebuilt_bytes: 0,
+            final_bytes: 0,
         })
     }
 
-    /// The images directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Charges what this migration holds now to the host's budget.
+    fn account(&mut self) -> Result<(), PortError> {
+        let store = self.store.as_ref().map_or(0, PageStore::memory);
+        self.budget
+            .set(store + self.file_bytes + self.rebuilt_bytes + self.final_bytes)
+            .map_err(limit)
     }
 
     /// Pre-copy: an owner's memory ranges.
@@ -71,7 +96,10 @@ impl Receiver {
             .store
             .as_mut()
             .ok_or_else(|| data("layout", "after the final pages"))?;
-        store.announce(owner, ranges).map_err(|e| data("layout", e))
+        store
+            .announce(owner, ranges)
+            .map_err(|e| data("layout", e))?;
+        self.account()
     }
 
     /// Pre-copy: a page batch.
@@ -81,7 +109,11 @@ impl Receiver {
             .store
             .as_mut()
             .ok_or_else(|| data("pages", "after the final pages"))?;
-        store.apply(batch).map_err(|e| data("pre-copy pages", e))?;
+        store.apply(batch).map_err(|e| match e {
+            StoreError::Full { .. } => limit(format!("pre-copy pages: {e}")),
+            e => data("pre-copy pages", e),
+        })?;
+        self.account()?;
         self.metrics.precopy_pages_total.add(n);
         self.metrics
             .received_bytes_total
@@ -121,7 +153,9 @@ impl Receiver {
             .as_mut()
             .ok_or_else(|| data("file data", "without a file"))?;
         f.write_all(chunk)
-            .map_err(|e| storage(&format!("writing {}", path.display()), e))
+            .map_err(|e| storage(&format!("writing {}", path.display()), e))?;
+        self.file_bytes += chunk.len() as u64;
+        self.account()
     }
 
     /// The page maps are in: the final difference may carry pages of the dump's page maps only.
@@ -130,6 +164,13 @@ impl Receiver {
     pub fn start_rebuild(&mut self) -> Result<(), PortError> {
         self.file = None;
         let images = MemoryImages::load(&self.dir).map_err(|e| data("the dump's page maps", e))?;
+        // The page maps come from the peer: what they declare is bounded before anything is
+        // allocated or written for it.
+        let declared = images
+            .data_len_within(self.max_bytes.saturating_sub(self.file_bytes))
+            .map_err(|e| limit(format!("{e} (--max-image-mib, with the image files)")))?;
+        self.rebuilt_bytes = declared;
+        self.account()?;
         let mut store = self
             .store
             .take()
@@ -174,11 +215,13 @@ impl Receiver {
             ));
         }
         let n = batch.pages.len() as u64;
+        self.final_pages.push((owner, batch));
+        self.final_bytes += n * crate::protocol::PAGE as u64;
+        self.account()?;
         self.metrics.final_pages_total.add(n);
         self.metrics
             .received_bytes_total
             .add(n * crate::protocol::PAGE as u64);
-        self.final_pages.push((owner, batch));
         Ok(())
     }
 
@@ -201,6 +244,7 @@ impl Receiver {
         let waited = t.elapsed();
         self.metrics.rebuild_wait_duration.observe(waited);
         let pages = std::mem::take(&mut self.final_pages);
+        self.final_bytes = 0;
         let totals = tokio::task::spawn_blocking(move || {
             for (owner, b) in &pages {
                 drafted.patch(*owner, b.pages.iter().map(|(a, p)| (*a, p.as_deref())))?;

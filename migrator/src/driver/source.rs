@@ -25,7 +25,7 @@ use crate::hostnet::HostAddressMover;
 use crate::journal::FileJournal;
 use crate::machine::source::{
     DumpEvent, GateConfig, GateEvent, SourceAction, SourceConfig, SourceEvent, SourceMachine,
-    SourcePhase, SourceResult, Step, Timeouts,
+    SourcePhase, SourceResult, Step, Timeouts, HOLD_MARGIN,
 };
 use crate::machine::{ConnectionEnd, Failure, PortError};
 use crate::policy;
@@ -38,6 +38,8 @@ use crate::report::{Outcome, Report};
 use crate::tls::Identity;
 use crate::transport::{self, FrameReceiver, FrameSender, TransportError};
 
+use super::lock;
+
 /// What to migrate and where.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
@@ -45,7 +47,9 @@ pub struct MigrateOptions {
     pub pid: i32,
     /// The destination agent.
     pub to: SocketAddr,
-    /// The name the agent's certificate must carry; any CA-signed agent if `None`.
+    /// The name the agent's certificate must carry. If `None`, it is looked up for `to` in
+    /// `agents.toml` in `certs` ([`crate::tls::agent_name_for`]); without either the migration
+    /// is refused before anything changes.
     pub agent_name: Option<String>,
     /// This host's certificate directory.
     pub certs: PathBuf,
@@ -84,10 +88,6 @@ pub struct PrecopyOptions {
 /// memory before it refuses.
 const LAZY_FILL_WAIT: Duration = Duration::from_secs(30);
 
-/// Kept between `--max-frozen` and the proxy's maximum hold: the commit's round trip and the
-/// resume come after the frozen phase.
-pub const HOLD_MARGIN: Duration = Duration::from_millis(500);
-
 /// What the source journals about a migration in flight: everything [`recover`] needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SourceRecord {
@@ -107,8 +107,10 @@ pub struct SourceRecord {
     pub dev: String,
     /// The agent.
     pub agent: SocketAddr,
-    /// The name its certificate must carry.
-    pub agent_name: Option<String>,
+    /// The name its certificate must carry. Records of an older `tether migrate`, which did
+    /// not always know it, read as empty: their recovery stops and says what to do.
+    #[serde(default, deserialize_with = "name_or_empty")]
+    pub agent_name: String,
     /// This host's certificates.
     pub certs: PathBuf,
     /// The image set of the dump (the way back after the commit point).
@@ -117,6 +119,36 @@ pub struct SourceRecord {
     pub proxy: Option<(ProxyOptions, SocketAddr)>,
     /// CRIU's log level.
     pub criu_log_level: i32,
+}
+
+fn name_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+/// The name the agent's certificate must carry: `opts.agent_name`, or the one `agents.toml`
+/// gives for `opts.to`.
+fn agent_name(opts: &MigrateOptions) -> Result<String, String> {
+    use crate::tls::{agent_name_for, valid_host_name, AGENTS_FILE};
+    let name = match &opts.agent_name {
+        Some(n) => n.clone(),
+        None => agent_name_for(&opts.certs, opts.to)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "the agent's name is not known, so its certificate cannot be checked: give \
+                     --agent-name NAME (the --name its certificates were issued for), or add \
+                     `\"{}\" = \"NAME\"` to {}",
+                    opts.to,
+                    opts.certs.join(AGENTS_FILE).display()
+                )
+            })?,
+    };
+    if !valid_host_name(&name) {
+        return Err(format!(
+            "invalid agent name `{name}`: a certificate name has letters, digits, '-' and '.'"
+        ));
+    }
+    Ok(name)
 }
 
 /// A migration that did not commit: where, why, and what state the service is in.
@@ -136,25 +168,60 @@ pub struct MigrationError {
     pub report: Option<Box<Report>>,
 }
 
+/// What `tether migrate` prints about a migration that did not start.
+const NOTHING_CHANGED: &str = "Nothing was changed; the service runs on the source as before.";
+
 impl MigrationError {
-    fn before_start(side: Side, phase: Phase, code: ErrorCode, message: String) -> MigrationError {
+    /// A check before anything changed failed.
+    fn check(message: impl ToString) -> MigrationError {
         MigrationError {
-            failure: Failure::new(side, phase, code, message),
+            failure: Failure::new(
+                Side::Source,
+                Phase::Check,
+                ErrorCode::Refused,
+                message.to_string(),
+            ),
             outcome: Outcome::NotStarted,
-            state: "Nothing was changed; the service runs on the source as before.".into(),
+            state: NOTHING_CHANGED.into(),
             retry_safe: true,
             report: None,
         }
     }
 
-    fn check(message: impl ToString) -> MigrationError {
-        MigrationError::before_start(
-            Side::Source,
-            Phase::Check,
-            ErrorCode::Refused,
-            message.to_string(),
-        )
+    /// Resolving a journaled migration could not begin (certificates, netlink or CRIU missing):
+    /// the migration stays as the journal left it, in doubt, and `--recover` may run again.
+    fn unresolved(record: &SourceRecord, message: impl ToString) -> MigrationError {
+        MigrationError {
+            failure: Failure::new(
+                Side::Source,
+                Phase::Resolve,
+                ErrorCode::Internal,
+                message.to_string(),
+            ),
+            outcome: Outcome::InDoubt,
+            state: format!(
+                "Not resolved: the journal still holds the migration (left at {:?}; the service \
+                 had pid {} here, image set {}). Fix the cause and run `tether migrate --recover` \
+                 again.",
+                record.phase,
+                record.pid,
+                record.images.display()
+            ),
+            retry_safe: true,
+            report: None,
+        }
     }
+}
+
+/// The journal in a state directory could not be read, so nothing in it could be resolved.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the migration journal in {dir}")]
+pub struct JournalUnreadable {
+    /// The state directory.
+    pub dir: PathBuf,
+    /// Why.
+    #[source]
+    pub cause: PortError,
 }
 
 /// Runs a migration. `cancel` resolving before the commit point rolls the migration back.
@@ -176,6 +243,7 @@ async fn migrate_inner(
     cancel: impl std::future::Future<Output = ()>,
 ) -> Result<Report, MigrationError> {
     // ---- checks: nothing changes until all pass ----
+    let agent_name = agent_name(opts).map_err(MigrationError::check)?;
     let journal: FileJournal<SourceRecord, ()> =
         FileJournal::open(&opts.state_dir).map_err(MigrationError::check)?;
     for (rid, r) in recover_all(&journal).await {
@@ -242,8 +310,14 @@ async fn migrate_inner(
         None => None,
     };
     let images = opts.work_dir.join(format!("tether-{id}"));
-    crate::dirs::private_dir(&images)
-        .map_err(|e| MigrationError::check(format!("{}: {e}", images.display())))?;
+    crate::dirs::private_dir(&images).map_err(MigrationError::check)?;
+    if !crate::dirs::on_tmpfs(&images) {
+        warn!(
+            dir = %opts.work_dir.display(),
+            "the work directory is not on tmpfs: the dump goes to disk, which lengthens the \
+             frozen phase (give --work-dir a tmpfs directory, e.g. under /dev/shm)"
+        );
+    }
 
     let cfg = SourceConfig {
         id: id.clone(),
@@ -265,10 +339,7 @@ async fn migrate_inner(
             redirect: p.redirect.is_some(),
         }),
         max_frozen: opts.max_frozen,
-        timeouts: Timeouts {
-            hold_margin: HOLD_MARGIN,
-            ..Default::default()
-        },
+        timeouts: Timeouts::default(),
     };
     let machine = SourceMachine::new(cfg, Instant::now()).map_err(MigrationError::check)?;
     let record = SourceRecord {
@@ -280,7 +351,7 @@ async fn migrate_inner(
         service_addr: svc,
         dev: dev.clone(),
         agent: opts.to,
-        agent_name: opts.agent_name.clone(),
+        agent_name,
         certs: opts.certs.clone(),
         images: images.clone(),
         proxy: opts
@@ -291,7 +362,8 @@ async fn migrate_inner(
     };
     let ctx = Ctx {
         id: id.clone(),
-        ckpt: Arc::new(CriuTree::source(criu.clone(), opts.pid)),
+        // The start time checked and journaled above: the tree is the one the record names.
+        ckpt: Arc::new(CriuTree::recorded(criu.clone(), opts.pid, pid_start)),
         net: Arc::new(net),
         journal: Arc::new(journal),
         identity: Arc::new(identity),
@@ -327,10 +399,7 @@ fn into_result(r: SourceResult, images: &Path) -> Result<Report, MigrationError>
         format!(" Warnings: {}.", report.warnings.join("; "))
     };
     let (state, retry_safe) = match outcome {
-        Outcome::NotStarted => (
-            "Nothing was changed; the service runs on the source as before.".to_string(),
-            true,
-        ),
+        Outcome::NotStarted => (NOTHING_CHANGED.to_string(), true),
         Outcome::RolledBack => (
             format!(
                 "Rolled back: the service is still running on the source (pid {pid}).{warnings}"
@@ -383,14 +452,18 @@ fn into_result(r: SourceResult, images: &Path) -> Result<Report, MigrationError>
 }
 
 /// Resolves every migration an earlier `tether migrate` left in the journal in `state_dir`.
-pub async fn recover(state_dir: &Path) -> Vec<(MigrationId, Result<Report, MigrationError>)> {
-    match FileJournal::<SourceRecord, ()>::open(state_dir) {
-        Ok(j) => recover_all(&j).await,
-        Err(e) => vec![(
-            "journal".parse().unwrap_or_else(|_| MigrationId::random()),
-            Err(MigrationError::check(e)),
-        )],
-    }
+///
+/// Errs only when the journal cannot be read at all; each journaled migration has its own
+/// result.
+pub async fn recover(
+    state_dir: &Path,
+) -> Result<Vec<(MigrationId, Result<Report, MigrationError>)>, JournalUnreadable> {
+    let journal =
+        FileJournal::<SourceRecord, ()>::open(state_dir).map_err(|cause| JournalUnreadable {
+            dir: state_dir.to_path_buf(),
+            cause,
+        })?;
+    Ok(recover_all(&journal).await)
 }
 
 async fn recover_all(
@@ -413,11 +486,20 @@ async fn recover_one(
     record: SourceRecord,
 ) -> Result<Report, MigrationError> {
     warn!(phase = ?record.phase, "resolving a migration an earlier `tether migrate` left unfinished");
-    let identity = Identity::load(&record.certs).map_err(MigrationError::check)?;
-    let net = HostAddressMover::new().map_err(MigrationError::check)?;
+    let unresolved = |e: &dyn std::fmt::Display| MigrationError::unresolved(&record, e);
+    if record.agent_name.is_empty() {
+        return Err(unresolved(&format!(
+            "the journal does not name the agent {} (the record was written by an older tether \
+             migrate): add `\"agent_name\": \"NAME\"`, the name of its certificate, to \
+             {id}.json in the state directory",
+            record.agent
+        )));
+    }
+    let identity = Identity::load(&record.certs).map_err(|e| unresolved(&e))?;
+    let net = HostAddressMover::new().map_err(|e| unresolved(&e))?;
     let criu = Criu::locate()
         .await
-        .map_err(MigrationError::check)?
+        .map_err(|e| unresolved(&e))?
         .with_log_level(record.criu_log_level);
     let gate = match &record.proxy {
         Some((p, original)) => match ProxyGate::open(p, Some(*original)).await {
@@ -561,10 +643,6 @@ enum GateCmd {
     Undo,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Runs `machine` to its end against the ports in `ctx`, the proxy `gate` and, for a new
 /// migration, the pre-copy `tracker`.
 pub async fn drive<C, N, J, G>(
@@ -588,7 +666,7 @@ where
     let mut tracker = tracker;
     let mut link: Option<Link> = None;
     let mut generation = 0u64;
-    let throttle: Arc<Mutex<Option<crate::throttle::Throttle>>> = Arc::new(Mutex::new(None));
+    let throttle: Arc<Mutex<ThrottleSlot>> = Arc::new(Mutex::new(ThrottleSlot::Unset));
     // Progress lines of a long transfer, from the connection's own counters: a round lasts
     // until its acknowledgement, long after its pages went into quinn's send buffer.
     let mut _progress: Option<Progress> = None;
@@ -704,6 +782,48 @@ async fn closed() {
     }
 }
 
+/// The auto-converge throttle of one migration, shared with the task that applies it.
+enum ThrottleSlot {
+    /// Never applied.
+    Unset,
+    /// Being measured and applied by a task.
+    Applying,
+    /// On the service's cgroup.
+    Applied(crate::throttle::Throttle),
+    /// Released: a throttle applied after this (a measuring task that lost the race) is undone
+    /// at once, so the service is never left throttled.
+    Released,
+}
+
+/// Measures the tree's CPU use (200 ms), then throttles it to `percent` of that, unless the
+/// throttle was released meanwhile.
+async fn apply_throttle(
+    root: i32,
+    id: &MigrationId,
+    percent: u8,
+    slot: &Mutex<ThrottleSlot>,
+) -> Result<(), PortError> {
+    let procs = crate::procmem::tree(root)
+        .map_err(|e| PortError::caused(ErrorCode::Internal, "the tree", e))?;
+    let p2 = procs.clone();
+    let usage = tokio::task::spawn_blocking(move || {
+        crate::throttle::cpu_usage(&p2, Duration::from_millis(200))
+    })
+    .await
+    .map_err(|e| PortError::new(ErrorCode::Internal, e.to_string()))?;
+    info!(cpus = usage, "service CPU use before throttling");
+    let t = crate::throttle::Throttle::apply(&procs, id.as_str(), percent, usage)
+        .map_err(|e| PortError::caused(ErrorCode::Internal, "throttle", e))?;
+    let mut slot = lock(slot);
+    if matches!(*slot, ThrottleSlot::Released) {
+        drop(slot);
+        t.release();
+        return Ok(());
+    }
+    *slot = ThrottleSlot::Applied(t);
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn perform<C, N, J>(
     action: SourceAction,
@@ -715,7 +835,7 @@ fn perform<C, N, J>(
     link: &mut Option<Link>,
     generation: &mut u64,
     tracker: &mut Option<Tracker>,
-    throttle: &Arc<Mutex<Option<crate::throttle::Throttle>>>,
+    throttle: &Arc<Mutex<ThrottleSlot>>,
 ) where
     C: Checkpointer,
     N: AddressMover,
@@ -742,15 +862,7 @@ fn perform<C, N, J>(
             let tracker = tracker.take();
             tokio::spawn(async move {
                 match open_link(
-                    &identity,
-                    agent,
-                    name.as_deref(),
-                    g,
-                    &tx,
-                    root,
-                    images,
-                    limit,
-                    tracker,
+                    &identity, agent, &name, g, &tx, root, images, limit, tracker,
                 )
                 .await
                 {
@@ -809,50 +921,51 @@ fn perform<C, N, J>(
             }
         }
         SourceAction::Throttle { percent } => {
-            let already = lock(throttle).is_some();
-            if already {
-                let r = lock(throttle)
-                    .as_mut()
-                    .map(|t| t.set(percent))
-                    .unwrap_or(Ok(()))
-                    .map_err(|e| PortError::caused(ErrorCode::Internal, "throttle", e));
-                machine.handle(now(), SourceEvent::Completed(Step::Throttle, r));
-            } else {
-                // Measuring the tree's CPU use takes a moment: off the loop.
-                let root = ctx.ckpt.root_pid();
-                let id = ctx.id.clone();
-                let throttle = throttle.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let r = async {
-                        let procs = crate::procmem::tree(root)
-                            .map_err(|e| PortError::caused(ErrorCode::Internal, "the tree", e))?;
-                        let p2 = procs.clone();
-                        let usage = tokio::task::spawn_blocking(move || {
-                            crate::throttle::cpu_usage(&p2, Duration::from_millis(200))
-                        })
-                        .await
-                        .map_err(|e| PortError::new(ErrorCode::Internal, e.to_string()))?;
-                        info!(cpus = usage, "service CPU use before throttling");
-                        let t = crate::throttle::Throttle::apply(
-                            &procs,
-                            id.as_str(),
-                            percent,
-                            usage,
-                        )
-                        .map_err(|e| PortError::caused(ErrorCode::Internal, "throttle", e))?;
-                        *lock(&throttle) = Some(t);
-                        Ok(())
-                    }
-                    .await;
-                    let _ = tx.send(event(SourceEvent::Completed(Step::Throttle, r)));
-                });
+            let mut slot = lock(throttle);
+            match &mut *slot {
+                ThrottleSlot::Applied(t) => {
+                    let r = t
+                        .set(percent)
+                        .map_err(|e| PortError::caused(ErrorCode::Internal, "throttle", e));
+                    drop(slot);
+                    machine.handle(now(), SourceEvent::Completed(Step::Throttle, r));
+                }
+                ThrottleSlot::Released => {
+                    drop(slot);
+                    let r = Err(PortError::new(
+                        ErrorCode::Internal,
+                        "the throttle was already released",
+                    ));
+                    machine.handle(now(), SourceEvent::Completed(Step::Throttle, r));
+                }
+                ThrottleSlot::Unset | ThrottleSlot::Applying => {
+                    *slot = ThrottleSlot::Applying;
+                    drop(slot);
+                    // Measuring the tree's CPU use takes a moment: off the loop.
+                    let root = ctx.ckpt.root_pid();
+                    let id = ctx.id.clone();
+                    let throttle = throttle.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let r = apply_throttle(root, &id, percent, &throttle).await;
+                        // Released meanwhile: the machine has left pre-copy and counts no
+                        // throttle step any more (while finishing, a late completion would be
+                        // taken for one of the steps it waits for).
+                        if matches!(*lock(&throttle), ThrottleSlot::Released) {
+                            info!("the throttle ended before it was applied: not reported");
+                            return;
+                        }
+                        let _ = tx.send(event(SourceEvent::Completed(Step::Throttle, r)));
+                    });
+                }
             }
         }
         SourceAction::ReleaseThrottle => {
-            match lock(throttle).take() {
-                Some(t) => t.release(),
-                None => crate::throttle::release_leftover(ctx.id.as_str()),
+            // Whatever is applied goes; a throttle still being measured finds `Released` and
+            // undoes itself.
+            match std::mem::replace(&mut *lock(throttle), ThrottleSlot::Released) {
+                ThrottleSlot::Applied(t) => t.release(),
+                _ => crate::throttle::release_leftover(ctx.id.as_str()),
             }
             machine.handle(now(), SourceEvent::Completed(Step::ReleaseThrottle, Ok(())));
         }
@@ -997,7 +1110,7 @@ fn perform<C, N, J>(
 async fn open_link(
     identity: &Identity,
     agent: SocketAddr,
-    name: Option<&str>,
+    name: &str,
     generation: u64,
     tx: &mpsc::UnboundedSender<Input>,
     root: i32,
@@ -1214,14 +1327,12 @@ fn spawn_gate<G: TrafficGate>(
             let ev = match cmd {
                 GateCmd::Pause => {
                     // The service reads what the proxy sent before the pause while the proxy
-                    // waits for its flows to quiesce.
-                    let paused = std::sync::atomic::AtomicBool::new(false);
-                    let pause = async {
-                        let r = gate.pause().await;
-                        paused.store(true, std::sync::atomic::Ordering::Release);
-                        r
-                    };
-                    let (r, ()) = tokio::join!(pause, drain_udp(svc_ip, &paused));
+                    // waits for its flows to quiesce; what is still queued once the proxy sends
+                    // nothing more gets a moment to be read.
+                    let r = gate.pause().await;
+                    if r.is_ok() {
+                        drain_udp(svc_ip).await;
+                    }
                     GateEvent::Paused(r)
                 }
                 GateCmd::Redirect => GateEvent::Redirected(gate.redirect().await),
@@ -1241,31 +1352,175 @@ fn spawn_gate<G: TrafficGate>(
 /// it reached its cap in several runs of that test).
 const UDP_DRAIN_MAX: Duration = Duration::from_millis(5);
 
-/// Waits until the service's UDP receive queues are empty once `paused` is set (the proxy sends
-/// nothing more), at most [`UDP_DRAIN_MAX`] after that. CRIU drops datagrams queued on a socket
-/// at dump time; a service that does not read loses them.
-async fn drain_udp(svc_ip: std::net::Ipv4Addr, paused: &std::sync::atomic::AtomicBool) {
-    use std::sync::atomic::Ordering;
-    let mut deadline = None;
+/// Waits until the service's UDP receive queues are empty, at most [`UDP_DRAIN_MAX`]; called
+/// once the proxy has paused (it sends nothing more). CRIU drops datagrams queued on a socket at
+/// dump time; a service that does not read loses them. (Not polled during the pause itself:
+/// only an empty queue after it counts, and reading `/proc/net/udp` every millisecond competes
+/// with the quiescing for the CPU.)
+async fn drain_udp(svc_ip: std::net::Ipv4Addr) {
+    let deadline = Instant::now() + UDP_DRAIN_MAX;
     loop {
-        // Read the flag before the queue: an empty queue counts only if seen after the pause.
-        let closed = paused.load(Ordering::Acquire);
-        let queued = crate::hostnet::udp_rx_queued(svc_ip);
-        if closed {
-            let now = Instant::now();
-            let deadline = *deadline.get_or_insert(now + UDP_DRAIN_MAX);
-            match queued {
-                Ok(0) | Err(_) => return,
-                Ok(n) if now >= deadline => {
-                    warn!(
-                        bytes = n,
-                        "UDP data still queued at the service; CRIU drops it"
-                    );
-                    return;
-                }
-                Ok(_) => {}
+        match crate::hostnet::udp_rx_queued(svc_ip) {
+            Ok(0) | Err(_) => return,
+            Ok(n) if Instant::now() >= deadline => {
+                warn!(
+                    bytes = n,
+                    "UDP data still queued at the service; CRIU drops it"
+                );
+                return;
             }
+            Ok(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_journal_that_cannot_be_read_is_an_error_not_nothing_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A file where the state directory should be.
+        let file = dir.path().join("state");
+        std::fs::write(&file, b"").expect("file");
+        let e = recover(&file).await.expect_err("an unreadable journal");
+        assert_eq!(e.dir, file);
+        assert!(
+            e.to_string().contains("cannot read the migration journal"),
+            "{e}"
+        );
+    }
+
+    fn options(certs: &Path, state: &Path, agent_name: Option<&str>) -> MigrateOptions {
+        MigrateOptions {
+            pid: std::process::id() as i32,
+            to: "10.9.0.3:7700".parse().expect("agent"),
+            agent_name: agent_name.map(str::to_string),
+            certs: certs.to_path_buf(),
+            service_addr: "10.9.0.2/24".parse().expect("address"),
+            work_dir: state.join("work"),
+            state_dir: state.join("state"),
+            criu_log_level: 1,
+            max_frozen: Duration::from_secs(4),
+            precopy: None,
+            bandwidth: None,
+            proxy: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_migration_without_the_agents_name_is_refused_before_anything_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = options(&dir.path().join("certs"), dir.path(), None);
+        let e = migrate(&opts, std::future::pending::<()>())
+            .await
+            .expect_err("no agent name");
+        assert_eq!(e.outcome, Outcome::NotStarted, "{e}");
+        assert!(e.retry_safe);
+        let msg = e.to_string();
+        assert!(msg.contains("--agent-name NAME"), "{msg}");
+        assert!(msg.contains("agents.toml"), "{msg}");
+        assert!(msg.contains("\"10.9.0.3:7700\" = \"NAME\""), "{msg}");
+        assert!(msg.contains(NOTHING_CHANGED), "{msg}");
+        assert!(
+            !opts.state_dir.exists(),
+            "refused before the journal is even opened"
+        );
+        let opts = options(&dir.path().join("certs"), dir.path(), Some("../dst"));
+        let e = migrate(&opts, std::future::pending::<()>())
+            .await
+            .expect_err("a bad name");
+        assert!(e.to_string().contains("invalid agent name"), "{e}");
+    }
+
+    #[test]
+    fn the_agents_name_comes_from_the_option_or_the_agents_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(crate::tls::AGENTS_FILE),
+            "\"10.9.0.3:7700\" = \"edge2\"\n",
+        )
+        .expect("agents file");
+        let opts = |n| options(dir.path(), dir.path(), n);
+        assert_eq!(agent_name(&opts(None)).as_deref(), Ok("edge2"));
+        assert_eq!(agent_name(&opts(Some("edge9"))).as_deref(), Ok("edge9"));
+        let mut other = opts(None);
+        other.to = "10.9.0.4:7700".parse().expect("addr");
+        assert!(agent_name(&other).is_err(), "no entry for that address");
+    }
+
+    /// A migration journaled as frozen, whose certificates (in `dir`) do not exist: its
+    /// recovery cannot even connect.
+    fn frozen_record(dir: &Path) -> SourceRecord {
+        SourceRecord {
+            phase: SourcePhase::Frozen,
+            lock_table: None,
+            pid: 4242,
+            pid_start: 1,
+            criu_worker: None,
+            service_addr: "10.9.0.2/24".parse().expect("address"),
+            dev: "eth0".into(),
+            agent: "127.0.0.1:1".parse().expect("agent"),
+            agent_name: "dst".into(),
+            certs: dir.join("no-certs"),
+            images: dir.join("images"),
+            proxy: None,
+            criu_log_level: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_journaled_migration_without_the_agents_name_stops_recovery_clearly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = frozen_record(dir.path());
+        // As an older tether migrate wrote it: null, or no field at all.
+        let mut old = serde_json::to_value(&record).expect("json");
+        old["agent_name"] = serde_json::Value::Null;
+        let r: SourceRecord = serde_json::from_value(old.clone()).expect("null reads");
+        assert_eq!(r.agent_name, "");
+        old.as_object_mut().expect("object").remove("agent_name");
+        let r: SourceRecord = serde_json::from_value(old.clone()).expect("missing reads");
+        assert_eq!(r.agent_name, "");
+        let id = MigrationId::random();
+        let state = dir.path().join("state");
+        crate::dirs::private_dir(&state).expect("state dir");
+        std::fs::write(
+            state.join(format!("{id}.json")),
+            serde_json::to_vec(&old).expect("json"),
+        )
+        .expect("old record");
+        let results = recover(&state).await.expect("a readable journal");
+        assert_eq!(results.len(), 1, "the old record is read, not skipped");
+        let e = results[0].1.as_ref().expect_err("not resolved");
+        assert_eq!(e.outcome, Outcome::InDoubt, "{e}");
+        assert!(e.to_string().contains("does not name the agent"), "{e}");
+        assert!(e.to_string().contains(&format!("{id}.json")), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_recovery_that_cannot_begin_keeps_the_migration_in_doubt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal =
+            FileJournal::<SourceRecord, ()>::open(&dir.path().join("state")).expect("journal");
+        let id = MigrationId::random();
+        let record = frozen_record(dir.path());
+        journal.save(&id, &record).expect("save");
+        let results = recover(&dir.path().join("state"))
+            .await
+            .expect("a readable journal");
+        assert_eq!(results.len(), 1);
+        let (rid, r) = &results[0];
+        assert_eq!(rid, &id);
+        let e = r.as_ref().expect_err("not resolved");
+        assert_eq!(e.outcome, Outcome::InDoubt, "{e}");
+        assert!(!e.outcome.service_runs());
+        assert!(e.state.contains("Not resolved"), "{}", e.state);
+        assert_eq!(
+            journal.records().len(),
+            1,
+            "the record is kept for the next --recover"
+        );
     }
 }

@@ -8,8 +8,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::AddressMessageBuilder;
+use rtnetlink::{AddressMessageBuilder, RouteMessageBuilder};
 
 use super::{HostNet, Link, NetError, ServiceAddr};
 
@@ -62,6 +63,25 @@ impl HostNet {
         Ok(v)
     }
 
+    /// The IPv4 gateways of every route here (all tables).
+    pub async fn gateways(&self) -> Result<Vec<Ipv4Addr>, NetError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut dump = self.route().route().get(msg).execute();
+        let mut v = Vec::new();
+        while let Some(msg) = dump
+            .try_next()
+            .await
+            .map_err(|e| NetError::ListRoutes(to_io(e)))?
+        {
+            for a in &msg.attributes {
+                if let RouteAttribute::Gateway(RouteAddress::Inet(gw)) = a {
+                    v.push(*gw);
+                }
+            }
+        }
+        Ok(v)
+    }
+
     /// Interface index to name, for every interface here.
     async fn link_names(&self) -> Result<HashMap<u32, String>, NetError> {
         let mut dump = self.route().link().get().execute();
@@ -101,6 +121,10 @@ impl HostNet {
                 addr: svc.addr(),
                 dev: a.dev.clone(),
             });
+        }
+        // Claiming a router's address (then announcing it) would take the subnet's traffic.
+        if self.gateways().await?.contains(&svc.addr()) {
+            return Err(NetError::Gateway(svc.addr()));
         }
         if let Some(dev) = explicit {
             return Ok(dev.to_string());

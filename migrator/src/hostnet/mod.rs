@@ -63,6 +63,12 @@ pub enum NetError {
     /// Listing the addresses failed.
     #[error("cannot list the IPv4 addresses: {0}")]
     ListAddresses(#[source] io::Error),
+    /// Listing the routes failed.
+    #[error("cannot list the IPv4 routes: {0}")]
+    ListRoutes(#[source] io::Error),
+    /// The address is a gateway of a route here.
+    #[error("{0} is a gateway of this host's routes; a service may not claim it")]
+    Gateway(Ipv4Addr),
     /// No interface by that name in this network namespace.
     #[error("no network interface named `{0}` here")]
     NoSuchInterface(String),

@@ -54,17 +54,13 @@ impl HostAddressMover {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(dev);
     }
-
-    /// The netlink handle underneath.
-    pub fn net(&self) -> &HostNet {
-        &self.net
-    }
 }
 
 fn net_err(what: &str) -> impl FnOnce(NetError) -> PortError + '_ {
     move |e| {
         let code = match &e {
             NetError::AddressInUse { .. } => ErrorCode::AddressInUse,
+            NetError::Gateway(_) => ErrorCode::Refused,
             NetError::NoInterface(_) => ErrorCode::NoInterface,
             _ => ErrorCode::HostNetwork,
         };

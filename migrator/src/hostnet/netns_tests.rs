@@ -251,6 +251,32 @@ fn addresses_are_added_listed_and_removed() {
             Err(NetError::NoInterface(a)) if a == elsewhere.addr()
         ));
 
+        // A gateway of this host's routes is never a service address.
+        set_up(&net, "th0").await;
+        set_up(&net, "tp0").await;
+        run(
+            "ip",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                "10.77.0.254",
+                "dev",
+                "th0",
+            ],
+        );
+        assert!(net
+            .gateways()
+            .await
+            .expect("gateways")
+            .contains(&Ipv4Addr::new(10, 77, 0, 254)));
+        let gateway: ServiceAddr = "10.77.0.254/24".parse().expect("valid");
+        assert!(matches!(
+            net.choose_interface(gateway, None).await,
+            Err(NetError::Gateway(a)) if a == gateway.addr()
+        ));
+
         // Removal, twice (absent is fine); gone from the listing and from `ip`.
         net.remove_address(svc(), "th0").await.expect("remove");
         net.remove_address(svc(), "th0")

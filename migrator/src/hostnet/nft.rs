@@ -169,62 +169,25 @@ fn drop_verdict() -> Value {
     json!({ "drop": null })
 }
 
-/// The block's `inet` table (it must not exist yet in the transaction).
-fn add_inet_block(name: &str, addr: Ipv4Addr, dev: &str) -> Vec<Value> {
+/// One family's table of the block (it must not exist yet in the transaction): input and
+/// output base chains at `priority`, each with one rule matching `input` or `output`, then drop.
+fn family_block(
+    family: &str,
+    name: &str,
+    priority: i32,
+    input: Vec<Value>,
+    output: Vec<Value>,
+) -> Vec<Value> {
+    let with_drop = |mut m: Vec<Value>| {
+        m.push(drop_verdict());
+        m
+    };
     vec![
-        json!({ "add": table("inet", name) }),
-        base_chain("inet", name, "input", INET_PRIORITY),
-        base_chain("inet", name, "output", INET_PRIORITY),
-        // iifname "<dev>" ip daddr <addr> drop
-        rule(
-            "inet",
-            name,
-            "input",
-            vec![
-                is_meta("iifname", dev),
-                is_payload("ip", "daddr", addr),
-                drop_verdict(),
-            ],
-        ),
-        // oifname "<dev>" ip saddr <addr> drop
-        rule(
-            "inet",
-            name,
-            "output",
-            vec![
-                is_meta("oifname", dev),
-                is_payload("ip", "saddr", addr),
-                drop_verdict(),
-            ],
-        ),
-    ]
-}
-
-/// The block's `arp` table (it must not exist yet in the transaction).
-fn add_arp_block(name: &str, addr: Ipv4Addr, dev: &str) -> Vec<Value> {
-    vec![
-        json!({ "add": table("arp", name) }),
-        base_chain("arp", name, "input", ARP_PRIORITY),
-        base_chain("arp", name, "output", ARP_PRIORITY),
-        // iifname "<dev>" arp daddr ip <addr> drop: no answer to "who has <addr>" (nor any
-        // ARP reply to this host's own requests from <addr>)
-        rule(
-            "arp",
-            name,
-            "input",
-            vec![
-                is_meta("iifname", dev),
-                is_payload("arp", "daddr ip", addr),
-                drop_verdict(),
-            ],
-        ),
-        // arp saddr ip <addr> drop: no ARP from this host claims <addr>
-        rule(
-            "arp",
-            name,
-            "output",
-            vec![is_payload("arp", "saddr ip", addr), drop_verdict()],
-        ),
+        json!({ "add": table(family, name) }),
+        base_chain(family, name, "input", priority),
+        base_chain(family, name, "output", priority),
+        rule(family, name, "input", with_drop(input)),
+        rule(family, name, "output", with_drop(output)),
     ]
 }
 
@@ -235,8 +198,24 @@ fn batch(commands: Vec<Value>) -> String {
 /// The transaction of [`HostNet::block`]: replaces whatever tables of that name exist.
 pub(super) fn block_commands(name: &str, addr: Ipv4Addr, dev: &str) -> String {
     let mut c = clear(name);
-    c.extend(add_inet_block(name, addr, dev));
-    c.extend(add_arp_block(name, addr, dev));
+    // iifname "<dev>" ip daddr <addr> drop; oifname "<dev>" ip saddr <addr> drop
+    c.extend(family_block(
+        "inet",
+        name,
+        INET_PRIORITY,
+        vec![is_meta("iifname", dev), is_payload("ip", "daddr", addr)],
+        vec![is_meta("oifname", dev), is_payload("ip", "saddr", addr)],
+    ));
+    // iifname "<dev>" arp daddr ip <addr> drop: no answer to "who has <addr>" (nor any ARP
+    // reply to this host's own requests from <addr>); arp saddr ip <addr> drop: no ARP from
+    // this host claims <addr>
+    c.extend(family_block(
+        "arp",
+        name,
+        ARP_PRIORITY,
+        vec![is_meta("iifname", dev), is_payload("arp", "daddr ip", addr)],
+        vec![is_payload("arp", "saddr ip", addr)],
+    ));
     batch(c)
 }
 

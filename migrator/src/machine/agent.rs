@@ -519,11 +519,6 @@ impl AgentMachine {
         matches!(self.state, State::Prepared | State::InDoubt)
     }
 
-    /// Why the migration failed here, if it did.
-    pub fn failure(&self) -> Option<&Failure> {
-        self.failure.as_ref()
-    }
-
     fn push(&mut self, a: AgentAction) {
         self.actions.push_back(a);
     }

@@ -6,7 +6,8 @@
 //! and takes actions out of it (send this, dump that, lift this block), which it performs and
 //! whose results it feeds back as events. A machine holds no sockets, processes or clocks, so the
 //! whole protocol, every path and every single fault at every step, runs in memory in tests
-//! (`migrator/tests/pair.rs`), the same code the real drivers run.
+//! (`migrator/tests/protocol_faults.rs` over the simulated pair in `migrator/tests/sim/`), the
+//! same code the real drivers run.
 //!
 //! # The commit protocol
 //!

@@ -103,6 +103,10 @@ pub struct GateConfig {
     pub redirect: bool,
 }
 
+/// Kept between `--max-frozen` and the proxy's maximum hold: the commit's round trip and the
+/// resume come after the frozen phase. The default of [`Timeouts::hold_margin`].
+pub const HOLD_MARGIN: Duration = Duration::from_millis(500);
+
 /// Deadlines of the source's side.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Timeouts {
@@ -132,7 +136,7 @@ impl Default for Timeouts {
             resolve: Duration::from_secs(60),
             resolve_retry: Duration::from_millis(500),
             inform: Duration::from_secs(10),
-            hold_margin: Duration::from_millis(500),
+            hold_margin: HOLD_MARGIN,
         }
     }
 }
@@ -388,6 +392,8 @@ struct Round {
     number: u32,
     started: Instant,
     scan: Option<RoundScan>,
+    /// The pre-copy policy, which decides what follows the round.
+    policy: Policy,
 }
 
 /// What waits for the end of the source copy.
@@ -429,7 +435,6 @@ struct Resolving {
     until: Instant,
     /// When to try connecting again, while not connected.
     retry_at: Option<Instant>,
-    connected: bool,
     attempts: u32,
 }
 
@@ -507,7 +512,6 @@ pub struct SourceMachine {
     started: Instant,
     /// The connection is up (as far as the machine knows).
     connected: bool,
-    policy: Option<Policy>,
     precopy_started: Option<Instant>,
     prev_round_start: Option<Instant>,
     /// (bytes, bandwidth) of the round that moved the most: small rounds are paced by the scan.
@@ -518,7 +522,9 @@ pub struct SourceMachine {
     dump_requested: Option<Instant>,
     /// When CRIU was let go on to freeze the tree: the downtime starts.
     stopping: Option<Instant>,
-    frozen_deadline: Option<Instant>,
+    /// How long the service may stay frozen (`max_frozen`, or less if the proxy's hold is
+    /// shorter), for the message of a frozen deadline that passed.
+    frozen_limit: Duration,
     held_at: Option<Instant>,
     restored_at: Option<Instant>,
     committed_at: Option<Instant>,
@@ -532,15 +538,14 @@ pub struct SourceMachine {
     lock_table: Option<String>,
     /// The journal holds a record of this migration.
     journaled: bool,
-    /// The source copy was ended (CRIU answered post-dump with success).
-    source_ended: bool,
-    /// Whether its end is confirmed.
-    copy_end: CopyEnd,
-    /// CRIU's lock table, deleted once the address is gone from here (in that order: a packet
-    /// reaching this host with the address and no filter and no socket would get a reset).
-    delete_after_address: Option<String>,
+    /// Once the source copy was ended (CRIU answered post-dump with success: the commit point
+    /// is passed), whether its end is confirmed; `None` before.
+    copy_end: Option<CopyEnd>,
     /// Failure that led past the commit point to a local restore or to doubt.
     late_failure: Option<Failure>,
+    /// The pre-copy policy until pre-copy starts (its rounds carry it then); `None` for
+    /// stop-and-copy.
+    policy: Option<Policy>,
 }
 
 impl SourceMachine {
@@ -548,10 +553,9 @@ impl SourceMachine {
     ///
     /// Fails if the pre-copy policy's settings are invalid.
     pub fn new(cfg: SourceConfig, now: Instant) -> Result<SourceMachine, policy::PolicyError> {
-        if let Some(c) = &cfg.precopy {
-            c.validate()?;
-        }
+        let policy = cfg.precopy.clone().map(Policy::new).transpose()?;
         let mut m = SourceMachine::blank(cfg, now);
+        m.policy = policy;
         m.state = State::Connecting;
         m.push(SourceAction::Connect);
         Ok(m)
@@ -579,20 +583,20 @@ impl SourceMachine {
         m.images_done = true;
         m.paused = m.cfg.gate.is_some();
         m.redirected = m.cfg.gate.is_some_and(|g| g.redirect);
-        m.state = State::Recovering;
         // A throttle left by auto-converge is released whatever happened.
-        m.push(SourceAction::ReleaseThrottle);
         if phase == SourcePhase::Throttled {
             // Killed during pre-copy: the service never stopped. Only the agent's copy of the
             // pages may remain, which it drops when the connection is gone.
-            m.push(SourceAction::ForgetJournal);
-            m.state = State::Finishing {
-                pending: 2,
-                outcome: Outcome::NotStarted,
-            };
+            m.state = m.finish_after(
+                now,
+                Outcome::NotStarted,
+                vec![SourceAction::ReleaseThrottle, SourceAction::ForgetJournal],
+            );
             return m;
         }
+        m.push(SourceAction::ReleaseThrottle);
         m.push(SourceAction::CheckSourceCopy);
+        m.state = State::Recovering;
         m
     }
 
@@ -603,7 +607,6 @@ impl SourceMachine {
             cfg.destination.clone(),
             cfg.service_addr.to_string(),
         );
-        let policy = cfg.precopy.clone().and_then(|c| Policy::new(c).ok());
         SourceMachine {
             state: State::Done,
             actions: VecDeque::new(),
@@ -612,7 +615,6 @@ impl SourceMachine {
             result: None,
             started: now,
             connected: false,
-            policy,
             precopy_started: None,
             prev_round_start: None,
             link: (0, 0.0),
@@ -620,7 +622,7 @@ impl SourceMachine {
             dump_active: false,
             dump_requested: None,
             stopping: None,
-            frozen_deadline: None,
+            frozen_limit: cfg.max_frozen,
             held_at: None,
             restored_at: None,
             committed_at: None,
@@ -631,10 +633,9 @@ impl SourceMachine {
             images_done: false,
             lock_table: None,
             journaled: false,
-            source_ended: false,
-            copy_end: CopyEnd::Confirmed,
-            delete_after_address: None,
+            copy_end: None,
             late_failure: None,
+            policy: None,
             cfg,
         }
     }
@@ -675,7 +676,7 @@ impl SourceMachine {
 
     /// Whether the commit point has been passed (the source copy was told to end).
     pub fn past_commit_point(&self) -> bool {
-        self.source_ended
+        self.copy_end.is_some()
     }
 
     /// The report so far.
@@ -709,12 +710,12 @@ impl SourceMachine {
             // After the commit was sent, CRIU's confirmation of the end of the source copy comes
             // whenever it comes; only what needs the copy gone waits for it.
             SourceEvent::Dump(DumpEvent::Ended(r))
-                if self.source_ended && !matches!(self.state, State::Ending) =>
+                if self.copy_end.is_some() && !matches!(self.state, State::Ending) =>
             {
                 return self.copy_ended(now, r.map(Some));
             }
             SourceEvent::SourceKilled(r)
-                if self.source_ended && !matches!(self.state, State::Ending) =>
+                if self.copy_end.is_some() && !matches!(self.state, State::Ending) =>
             {
                 return self.copy_ended(now, r.map(|()| None));
             }
@@ -728,20 +729,8 @@ impl SourceMachine {
     /// commit was sent; a confirmation from a kill carries no statistics.
     fn copy_ended(&mut self, now: Instant, r: Result<Option<DumpEnd>, PortError>) {
         match r {
-            Ok(end) => {
-                if let Some(end) = end {
-                    self.dump_stats(end);
-                }
-                self.copy_end = CopyEnd::Confirmed;
-            }
-            Err(e) if self.copy_end == CopyEnd::Pending => {
-                self.warn(format!(
-                    "CRIU did not confirm the end of the source copy ({e}); killing it"
-                ));
-                self.copy_end = CopyEnd::Killing;
-                self.push(SourceAction::KillSourceCopy);
-                return;
-            }
+            Ok(end) => self.copy_confirmed(end),
+            Err(e) if self.copy_end == Some(CopyEnd::Pending) => return self.kill_copy(&e),
             Err(e) => {
                 self.warn(format!(
                     "the source copy could not be ended ({e}); it stays frozen behind CRIU's \
@@ -749,7 +738,7 @@ impl SourceMachine {
                      delete the table",
                     self.cfg.source_pid
                 ));
-                self.copy_end = CopyEnd::Lingering;
+                self.copy_end = Some(CopyEnd::Lingering);
             }
         }
         if let State::AwaitingCopyEnd { then } = self.state {
@@ -758,6 +747,23 @@ impl SourceMachine {
                 AfterCopyEnd::RestoreLocally => self.restore_locally(),
             };
         }
+    }
+
+    /// The source copy is gone: CRIU says so (with its statistics), or a kill did.
+    fn copy_confirmed(&mut self, end: Option<DumpEnd>) {
+        if let Some(end) = end {
+            self.dump_stats(end);
+        }
+        self.copy_end = Some(CopyEnd::Confirmed);
+    }
+
+    /// CRIU failed to confirm the end of the source copy (`e`): kill it outright.
+    fn kill_copy(&mut self, e: &PortError) {
+        self.warn(format!(
+            "CRIU did not confirm the end of the source copy ({e}); killing it"
+        ));
+        self.copy_end = Some(CopyEnd::Killing);
+        self.push(SourceAction::KillSourceCopy);
     }
 
     fn dump_stats(&mut self, end: DumpEnd) {
@@ -771,7 +777,7 @@ impl SourceMachine {
         use SourceEvent as E;
         match (state, event) {
             // Events that any state treats alike.
-            (s, E::Cancel) if self.source_ended => {
+            (s, E::Cancel) if self.copy_end.is_some() => {
                 warn!("cancel ignored: the commit point has been passed");
                 s
             }
@@ -812,11 +818,12 @@ impl SourceMachine {
                 info!(%interface, "agent ready");
                 self.deadline = None;
                 self.report.timings.handshake_ms = ms(now - self.started);
-                if self.policy.is_some() {
-                    self.precopy_started = Some(now);
-                    self.start_round(0, now)
-                } else {
-                    self.start_freeze()
+                match self.policy.take() {
+                    Some(policy) => {
+                        self.precopy_started = Some(now);
+                        self.start_round(policy, 0, now)
+                    }
+                    None => self.start_freeze(),
                 }
             }
             (State::Handshaking, E::Message(FromAgent::Refused { code, reason })) => self
@@ -878,11 +885,17 @@ impl SourceMachine {
                 Failure::port(Side::Source, Phase::PreCopy, e)
                     .context(format!("round {}", r.number)),
             ),
-            (State::PreCopy(r), E::Message(FromAgent::RoundAck { round, .. }))
-                if round == r.number && r.scan.is_some() =>
-            {
+            (
+                State::PreCopy(Round {
+                    number,
+                    started,
+                    scan: Some(scan),
+                    policy,
+                }),
+                E::Message(FromAgent::RoundAck { round, .. }),
+            ) if round == number => {
                 self.deadline = None;
-                self.round_done(r, now)
+                self.round_done(number, started, scan, policy, now)
             }
             (s @ State::PreCopy(_), E::Completed(Step::Throttle, Err(e))) => {
                 self.throttle = None;
@@ -1080,7 +1093,6 @@ impl SourceMachine {
                     pid,
                     restore_ms, criu_restore_ms, "restored on the destination (stopped)"
                 );
-                self.frozen_deadline = None;
                 self.deadline = None;
                 self.push(SourceAction::Journal {
                     phase: SourcePhase::Committing,
@@ -1124,10 +1136,7 @@ impl SourceMachine {
             }
             (s @ (State::Freezing(_) | State::Transferring | State::AwaitingRestore), E::Tick) => {
                 let phase = phase_of(&s);
-                let limit = self
-                    .frozen_deadline
-                    .zip(self.stopping)
-                    .map_or(self.cfg.max_frozen, |(d, s)| d - s);
+                let limit = self.frozen_limit;
                 self.rollback(
                     now,
                     Failure::new(
@@ -1159,12 +1168,11 @@ impl SourceMachine {
             }
 
             // ---- the commit point: CRIU ends the source copy ----
-            (State::Ending, E::Completed(Step::Journal, result)) if !self.source_ended => {
+            (State::Ending, E::Completed(Step::Journal, result)) if self.copy_end.is_none() => {
                 if let Err(e) = result {
                     self.warn(format!("cannot record the commit in the journal: {e}"));
                 }
-                self.source_ended = true;
-                self.copy_end = CopyEnd::Pending;
+                self.copy_end = Some(CopyEnd::Pending);
                 self.dump_active = false;
                 self.push(SourceAction::CommitDump);
                 State::Ending
@@ -1173,23 +1181,18 @@ impl SourceMachine {
             // end of the copy (a few ms to tens of ms) runs beside it.
             (State::Ending, E::Dump(DumpEvent::CommitAnswered)) => self.send_commit(now),
             (State::Ending, E::Dump(DumpEvent::Ended(Ok(end)))) => {
-                self.dump_stats(end);
-                self.copy_end = CopyEnd::Confirmed;
+                self.copy_confirmed(Some(end));
                 self.send_commit(now)
             }
             (State::Ending, E::Dump(DumpEvent::Ended(Err(e)))) => {
                 // CRIU failed before it had the answer: the source copy may still exist (its
                 // connections stay locked by CRIU's table). End it ourselves before the
                 // destination may run a second one.
-                self.warn(format!(
-                    "CRIU did not confirm the end of the source copy ({e}); killing it"
-                ));
-                self.copy_end = CopyEnd::Killing;
-                self.push(SourceAction::KillSourceCopy);
+                self.kill_copy(&e);
                 State::Ending
             }
             (State::Ending, E::SourceKilled(Ok(()))) => {
-                self.copy_end = CopyEnd::Confirmed;
+                self.copy_confirmed(None);
                 self.send_commit(now)
             }
             (State::Ending, E::SourceKilled(Err(e))) => {
@@ -1251,7 +1254,7 @@ impl SourceMachine {
                     Decision::Abort
                 } else {
                     info!("the source copy is gone: the migration passed its commit point");
-                    self.source_ended = true;
+                    self.copy_end = Some(CopyEnd::Confirmed);
                     Decision::Commit
                 };
                 self.resolve(now, decision, ResolveWhy::Recovery)
@@ -1264,7 +1267,6 @@ impl SourceMachine {
                 self.finish(now, Outcome::InDoubt)
             }
             (State::Resolving(mut r), E::Connected) => {
-                r.connected = true;
                 r.attempts += 1;
                 self.connected = true;
                 self.send(ToAgent::Resolve {
@@ -1295,9 +1297,7 @@ impl SourceMachine {
                 self.retry_resolve(now, r)
             }
             (State::Resolving(r), E::Tick) => {
-                if r.connected {
-                    self.close_connection();
-                }
+                self.close_connection();
                 self.retry_resolve(now, r)
             }
             (s @ State::Resolving(_), E::Cancel) => s,
@@ -1346,7 +1346,13 @@ impl SourceMachine {
                     self.warn(format!("{step:?}: {e}"));
                 }
                 if step == Step::RemoveAddress {
-                    if let Some(table) = self.delete_after_address.take() {
+                    // The dump's lock table stays after a commit; left, it would block these
+                    // very connections if the service ever comes back. It goes once the address
+                    // is gone from here (in that order: a packet reaching this host with the
+                    // address and no filter and no socket would get a reset), and only with the
+                    // copy (a copy that could not be ended stays behind it).
+                    let copy_gone = self.copy_end == Some(CopyEnd::Confirmed);
+                    if let Some(table) = self.lock_table.clone().filter(|_| copy_gone) {
                         if address_gone {
                             self.push(SourceAction::DeleteLockTable { table });
                             return State::Finishing { pending, outcome };
@@ -1390,28 +1396,22 @@ impl SourceMachine {
             }
 
             // ---- rolling back ----
-            (State::RollingBack(mut rb), E::Dump(DumpEvent::RolledBack(result))) => {
+            (
+                State::RollingBack(mut rb),
+                E::Dump(ev @ (DumpEvent::RolledBack(_) | DumpEvent::Failed(_))),
+            ) => {
                 rb.awaiting_dump = false;
                 self.dump_active = false;
-                if let Err(e) = result {
-                    self.warn(format!("CRIU's rollback reported: {e}"));
+                match ev {
+                    DumpEvent::RolledBack(Err(e)) => {
+                        self.warn(format!("CRIU's rollback reported: {e}"))
+                    }
+                    // CRIU ended the dump by itself while we rolled back: the tree runs.
+                    DumpEvent::Failed(e) => info!("CRIU ended the dump: {e}"),
+                    _ => {}
                 }
                 // The tree runs again: now the proxy may let the held bytes go to it.
-                if (self.paused || self.redirected) && !rb.awaiting_gate {
-                    rb.awaiting_gate = true;
-                    self.push(SourceAction::UndoGate);
-                }
-                self.rolled_back_if_done(now, rb)
-            }
-            (State::RollingBack(mut rb), E::Dump(DumpEvent::Failed(e))) => {
-                // CRIU ended the dump by itself while we rolled back: the tree runs.
-                rb.awaiting_dump = false;
-                self.dump_active = false;
-                info!("CRIU ended the dump: {e}");
-                if (self.paused || self.redirected) && !rb.awaiting_gate {
-                    rb.awaiting_gate = true;
-                    self.push(SourceAction::UndoGate);
-                }
+                self.undo_gate_once(&mut rb);
                 self.rolled_back_if_done(now, rb)
             }
             (State::RollingBack(mut rb), E::Gate(GateEvent::Undone(result))) => {
@@ -1426,10 +1426,7 @@ impl SourceMachine {
             (State::RollingBack(mut rb), E::Gate(GateEvent::Paused(Ok(_)))) => {
                 // A pause that completed after the rollback began.
                 self.paused = true;
-                if !rb.awaiting_dump && !rb.awaiting_gate {
-                    rb.awaiting_gate = true;
-                    self.push(SourceAction::UndoGate);
-                }
+                self.undo_gate_once(&mut rb);
                 State::RollingBack(rb)
             }
             (s @ State::RollingBack(_), _) => s,
@@ -1447,7 +1444,7 @@ impl SourceMachine {
             (s, e) => {
                 let what = format!("{e:?}");
                 let what = &what[..what.len().min(120)];
-                if self.source_ended || matches!(s, State::Done) {
+                if self.copy_end.is_some() || matches!(s, State::Done) {
                     warn!(state = s.name(), "ignoring {what}");
                     s
                 } else {
@@ -1469,22 +1466,27 @@ impl SourceMachine {
 
     // ---- pre-copy ----
 
-    fn start_round(&mut self, number: u32, now: Instant) -> State {
+    fn start_round(&mut self, policy: Policy, number: u32, now: Instant) -> State {
         self.push(SourceAction::SendRound { round: number });
         State::PreCopy(Round {
             number,
             started: now,
             scan: None,
+            policy,
         })
     }
 
-    fn round_done(&mut self, r: Round, now: Instant) -> State {
-        let Some(scan) = r.scan else {
-            return State::PreCopy(r);
-        };
-        let duration = now - r.started;
+    fn round_done(
+        &mut self,
+        number: u32,
+        started: Instant,
+        scan: RoundScan,
+        mut policy: Policy,
+        now: Instant,
+    ) -> State {
+        let duration = now - started;
         let mut rep = RoundReport {
-            round: r.number,
+            round: number,
             pages_scanned: scan.pages_scanned,
             pages_dirty: scan.pages_sent,
             pages_sent: scan.pages_sent,
@@ -1498,22 +1500,19 @@ impl SourceMachine {
         };
         // Dirty pages found this round accumulated since the previous round started.
         rep.dirty_rate = match self.prev_round_start {
-            Some(p) => rep.pages_dirty as f64 / (r.started - p).as_secs_f64().max(1e-6),
+            Some(p) => rep.pages_dirty as f64 / (started - p).as_secs_f64().max(1e-6),
             None => 0.0,
         };
         // Pages that will have changed by the end of the next step: the dirty rate over this
-        // round's duration (round 0: unknown).
+        // round's duration (round 0: unknown, 0 as its dirty rate).
         let next = (rep.dirty_rate * duration.as_secs_f64()).round() as u64;
         if rep.bytes >= self.link.0 {
             self.link = (rep.bytes, rep.bandwidth);
         }
         let state_bytes = scan.pages_scanned * PAGE as u64;
-        let Some(policy) = self.policy.as_mut() else {
-            return self.start_freeze();
-        };
         let fixed = policy.observe_scan(state_bytes, ms_duration(scan.scan_ms));
         self.report.precopy.frozen_cost_ms = Some(ms(fixed));
-        if r.number == 1 && policy.limit_below_fixed_cost() {
+        if number == 1 && policy.limit_below_fixed_cost() {
             warn!(
                 estimate_ms = ms(fixed),
                 limit_ms = ms(policy.config().downtime_limit),
@@ -1523,7 +1522,7 @@ impl SourceMachine {
         }
         let stats = RoundStats {
             pages_sent: rep.pages_sent,
-            pages_dirty_next: if r.number == 0 { 0 } else { next },
+            pages_dirty_next: next,
             bytes: rep.bytes,
             duration,
             bandwidth: self.link.1,
@@ -1534,13 +1533,13 @@ impl SourceMachine {
         let max_rounds = policy.config().max_rounds;
         // Nothing is known about the dirty rate before a second scan: the policy counts round 0
         // (for the cap) but cannot end pre-copy after it.
-        let decision = if r.number == 0 && max_rounds > 1 {
+        let decision = if number == 0 && max_rounds > 1 {
             PolicyDecision::Continue
         } else {
             decision
         };
         info!(
-            round = r.number,
+            round = number,
             sent = rep.pages_sent,
             zero = rep.pages_zero,
             scanned = rep.pages_scanned,
@@ -1551,7 +1550,7 @@ impl SourceMachine {
             "pre-copy round"
         );
         self.report.precopy.rounds.push(rep);
-        self.prev_round_start = Some(r.started);
+        self.prev_round_start = Some(started);
         match decision {
             PolicyDecision::StopAndCopy { reason, .. } => {
                 self.report.precopy.stop_reason = Some(format!("{reason:?}"));
@@ -1573,17 +1572,13 @@ impl SourceMachine {
                     });
                 }
                 self.throttle = Some(percent);
-                self.report.precopy.max_throttle = Some(
-                    self.report
-                        .precopy
-                        .max_throttle
-                        .map_or(percent, |m| m.max(percent)),
-                );
+                // The policy only steps the throttle up: the latest is the highest.
+                self.report.precopy.max_throttle = Some(percent);
                 info!(percent, "auto-converge: throttling the service's CPU");
                 self.push(SourceAction::Throttle { percent });
-                self.start_round(r.number + 1, now)
+                self.start_round(policy, number + 1, now)
             }
-            _ => self.start_round(r.number + 1, now),
+            _ => self.start_round(policy, number + 1, now),
         }
     }
 
@@ -1628,8 +1623,8 @@ impl SourceMachine {
                 limit = h;
             }
         }
-        self.frozen_deadline = Some(now + limit);
-        self.deadline = self.frozen_deadline;
+        self.frozen_limit = limit;
+        self.deadline = Some(now + limit);
         self.push(SourceAction::ProceedDump);
     }
 
@@ -1661,21 +1656,15 @@ impl SourceMachine {
     }
 
     fn cleanup_after_commit(&mut self, now: Instant) -> State {
-        if matches!(self.copy_end, CopyEnd::Pending | CopyEnd::Killing) {
+        if matches!(self.copy_end, Some(CopyEnd::Pending | CopyEnd::Killing)) {
             // The lock table keeps the copy unreachable until it is gone.
             return State::AwaitingCopyEnd {
                 then: AfterCopyEnd::Cleanup,
             };
         }
         self.paused = false;
-        let mut then = vec![SourceAction::RemoveAddress];
-        // The dump's lock table stays after a commit; left, it would block these very
-        // connections if the service ever comes back. It goes after the address.
-        self.delete_after_address = self
-            .lock_table
-            .clone()
-            .filter(|_| self.copy_end == CopyEnd::Confirmed);
-        then.push(SourceAction::RemoveImages);
+        // CRIU's lock table goes after the address (see the completion of RemoveAddress).
+        let mut then = vec![SourceAction::RemoveAddress, SourceAction::RemoveImages];
         if self.journaled {
             then.push(SourceAction::ForgetJournal);
         }
@@ -1700,7 +1689,7 @@ impl SourceMachine {
     }
 
     fn restore_locally(&mut self) -> State {
-        if matches!(self.copy_end, CopyEnd::Pending | CopyEnd::Killing) {
+        if matches!(self.copy_end, Some(CopyEnd::Pending | CopyEnd::Killing)) {
             // The restore needs the copy's pids free.
             return State::AwaitingCopyEnd {
                 then: AfterCopyEnd::RestoreLocally,
@@ -1729,13 +1718,11 @@ impl SourceMachine {
             why,
             until: now + window,
             retry_at: None,
-            connected: false,
             attempts: 0,
         })
     }
 
     fn retry_resolve(&mut self, now: Instant, mut r: Resolving) -> State {
-        r.connected = false;
         self.connected = false;
         if now >= r.until {
             return self.give_up_resolving(now, r);
@@ -1862,7 +1849,6 @@ impl SourceMachine {
             failure.message
         );
         self.deadline = None;
-        self.frozen_deadline = None;
         if self.throttle.take().is_some() {
             self.push(SourceAction::ReleaseThrottle);
         }
@@ -1879,17 +1865,22 @@ impl SourceMachine {
             // The agent may have announced the address: bring the LAN's packets back.
             self.push(SourceAction::Announce);
         }
-        let mut awaiting_gate = false;
-        if !awaiting_dump && (self.paused || self.redirected) {
-            awaiting_gate = true;
-            self.push(SourceAction::UndoGate);
-        }
-        let rb = RollingBack {
+        let mut rb = RollingBack {
             failure,
             awaiting_dump,
-            awaiting_gate,
+            awaiting_gate: false,
         };
+        self.undo_gate_once(&mut rb);
         self.rolled_back_if_done(now, rb)
+    }
+
+    /// Once the tree runs (CRIU is not thawing it any more), points the proxy back and resumes
+    /// it if it was paused or redirected, asking only once.
+    fn undo_gate_once(&mut self, rb: &mut RollingBack) {
+        if !rb.awaiting_dump && !rb.awaiting_gate && (self.paused || self.redirected) {
+            rb.awaiting_gate = true;
+            self.push(SourceAction::UndoGate);
+        }
     }
 
     fn rolled_back_if_done(&mut self, now: Instant, rb: RollingBack) -> State {

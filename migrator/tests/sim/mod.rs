@@ -383,39 +383,7 @@ impl Sim {
         self.source =
             Some(SourceMachine::new(self.source_config(), self.now).expect("valid source config"));
         self.drain_source();
-        let horizon = self.now + Duration::from_secs(3600);
-        loop {
-            if self.steps > 100_000 {
-                self.violations.push("no end after 100000 steps".into());
-                break;
-            }
-            let next_item = self.queue.keys().next().copied();
-            let next_timer = self.next_timer();
-            let (t, which) = match (next_item, next_timer.clone()) {
-                (Some((ti, _)), Some((tt, _))) if tt < ti => (tt, Some(false)),
-                (Some((ti, _)), _) => (ti, Some(true)),
-                (None, Some((tt, _))) => (tt, Some(false)),
-                (None, None) => break,
-            };
-            if t > horizon {
-                break;
-            }
-            self.now = self.now.max(t);
-            self.inject_fault();
-            match which {
-                Some(true) => {
-                    let key = *self.queue.keys().next().expect("an item");
-                    let item = self.queue.remove(&key).expect("the item");
-                    self.deliver(item);
-                }
-                _ => {
-                    let (_, who) = next_timer.expect("a timer");
-                    self.tick(who);
-                }
-            }
-            self.steps += 1;
-            self.check();
-        }
+        self.step_until_quiet(true);
         self.steps
     }
 
@@ -1630,8 +1598,19 @@ impl Sim {
     }
 
     fn run_more(&mut self) {
+        self.step_until_quiet(false);
+    }
+
+    /// Delivers messages and runs timers in time order until nothing is left within an hour,
+    /// injecting the case's fault when `faults` (at most 100,000 steps in all: more is a
+    /// violation, a livelock of the machines).
+    fn step_until_quiet(&mut self, faults: bool) {
         let horizon = self.now + Duration::from_secs(3600);
         loop {
+            if self.steps > 100_000 {
+                self.violations.push("no end after 100000 steps".into());
+                break;
+            }
             let next_item = self.queue.keys().next().copied();
             let next_timer = self.next_timer();
             let (t, item) = match (next_item, next_timer.clone()) {
@@ -1644,6 +1623,9 @@ impl Sim {
                 break;
             }
             self.now = self.now.max(t);
+            if faults {
+                self.inject_fault();
+            }
             if item {
                 let key = *self.queue.keys().next().expect("an item");
                 let it = self.queue.remove(&key).expect("the item");
