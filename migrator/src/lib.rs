@@ -4,8 +4,10 @@
 //!
 //! - [`protocol`]: the words of the migration protocol (messages, frames, ids, error codes,
 //!   statistics). Pure, a leaf.
-//! - [`report`], [`policy`], [`model`], [`authz`]: the JSON report, the pre-copy convergence
-//!   policy, the migration model, and who may migrate what to an agent. Pure.
+//! - [`model`], [`profile`], [`policy`], [`plan`], [`report`], [`calibrate`], [`authz`]: the
+//!   migration model and its calibrated host terms, the pre-copy convergence policy (which asks
+//!   the model), predictions through that policy, the JSON report, fitting a profile to
+//!   reports, and who may migrate what to an agent. Pure.
 //! - [`machine`]: the protocol's two sides as state machines without I/O
 //!   ([`machine::source`], [`machine::agent`]), and the commit protocol's invariants.
 //! - [`ports`]: the traits the drivers carry the machines' actions out through (checkpoint,
@@ -19,6 +21,7 @@
 //! - [`metrics`], [`progress`]: the agent's Prometheus metrics, progress lines.
 
 pub mod authz;
+pub mod calibrate;
 pub mod criu;
 pub mod dirs;
 pub mod driver;
@@ -29,10 +32,12 @@ pub mod machine;
 pub mod metrics;
 pub mod model;
 pub mod pagestore;
+pub mod plan;
 pub mod policy;
 pub mod ports;
 pub mod precopy;
 pub mod procmem;
+pub mod profile;
 pub mod progress;
 pub mod protocol;
 pub mod report;

@@ -22,8 +22,9 @@
 
 use std::time::Duration;
 
-/// Size of a memory page.
-pub const PAGE_SIZE: u64 = 4096;
+use crate::model::HostCosts;
+pub use crate::model::PAGE_SIZE;
+use crate::profile::Profile;
 
 /// Errors in a policy configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -72,9 +73,9 @@ pub struct Config {
     pub min_shrink: f64,
     /// Consecutive rounds that fail to shrink which are tolerated; one more stops pre-copy.
     pub shrink_patience: u32,
-    /// Fixed cost of the stop phase (dump, restore) assumed until one is measured
-    /// ([`Policy::observe_fixed_cost`]).
-    pub fixed_cost: Duration,
+    /// The host's terms of the migration model (from the calibration profile): the frozen
+    /// phase's cost for the state size is predicted from them ([`Policy::observe_scan`]).
+    pub costs: HostCosts,
     /// Page size, for converting pages and page rates to bytes.
     pub page_size: u64,
     /// Throttle the service instead of giving up when it dirties memory too fast.
@@ -86,20 +87,6 @@ pub struct Config {
     pub throttle_trigger: f64,
 }
 
-/// The frozen phase's fixed cost for a minimal process (CRIU's dump and restore set-up, the
-/// round trips); [`Policy::observe_scan`] adds [`FROZEN_SCAN_PASSES`] scans of the whole state.
-///
-/// The cost is calibrated in units of one scan of the live tree, so that it follows the host's
-/// memory speed. While frozen, tether passes over the whole state about four times: CRIU's dump
-/// to tmpfs, the source's comparison that reads the dump back, the destination's rebuild of
-/// CRIU's page files, and the restore. Against `scripts/bench-migration.sh` that cost about eight
-/// times one scan's duration per byte plus ~120 ms. Without it the policy chases downtime limits
-/// no state size allows.
-const FROZEN_BASE: Duration = Duration::from_millis(120);
-/// The memory-proportional part of the frozen phase's cost, in scans of the whole state (see
-/// [`FROZEN_BASE`]).
-const FROZEN_SCAN_PASSES: f64 = 8.0;
-
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -107,7 +94,7 @@ impl Default for Config {
             max_rounds: 10,
             min_shrink: 0.9,
             shrink_patience: 1,
-            fixed_cost: Duration::from_millis(100),
+            costs: Profile::default().costs(),
             page_size: PAGE_SIZE,
             auto_converge: false,
             throttle: ThrottleSteps::default(),
@@ -145,6 +132,9 @@ impl Config {
                 "throttle_trigger",
                 &format!("{} is not a positive number", self.throttle_trigger),
             );
+        }
+        if let Err(e) = self.costs.validate() {
+            return invalid("costs", &e.to_string());
         }
         let t = self.throttle;
         if t.initial == 0 || t.increment == 0 || t.max > 99 || t.initial > t.max {
@@ -233,8 +223,10 @@ pub struct Policy {
     bandwidth: Option<f64>,
     fixed_cost: Duration,
     not_shrinking: u32,
-    /// Seconds one scan takes per byte of state, the fastest seen.
-    scan_per_byte: Option<f64>,
+    /// Bytes per second of the fastest scan seen.
+    scan_throughput: Option<f64>,
+    /// The state size of the last scan.
+    state_bytes: Option<u64>,
 }
 
 fn positive(x: f64) -> Option<f64> {
@@ -246,13 +238,14 @@ impl Policy {
     pub fn new(config: Config) -> Result<Policy, PolicyError> {
         config.validate()?;
         Ok(Policy {
-            fixed_cost: config.fixed_cost,
+            fixed_cost: config.costs.frozen_fixed,
             config,
             rounds: 0,
             throttle: None,
             bandwidth: None,
             not_shrinking: 0,
-            scan_per_byte: None,
+            scan_throughput: None,
+            state_bytes: None,
         })
     }
 
@@ -281,20 +274,24 @@ impl Policy {
         self.fixed_cost = cost;
     }
 
-    /// Calibrates the fixed cost from a scan of the live tree: `state_bytes` read in `scan`.
-    /// The fastest scan so far counts: a round that sends much (round 0) is paced by the link,
-    /// not by reading memory, and calibrating from it once predicted 15 s for a 256 MiB state
-    /// whose frozen phase took 0.55 s. Returns the fixed cost now in use.
+    /// Predicts the frozen phase's cost for a state of `state_bytes` read and hashed in `scan`,
+    /// with the model ([`HostCosts::frozen_cost`]): the profile's terms, with the scan
+    /// throughput measured on this tree. The fastest scan so far counts: a round that sends
+    /// much (round 0) is paced by the link, not by reading memory, and calibrating from it once
+    /// predicted 15 s for a 256 MiB state whose frozen phase took 0.55 s. Returns the fixed cost
+    /// now in use.
     pub fn observe_scan(&mut self, state_bytes: u64, scan: Duration) -> Duration {
-        if state_bytes > 0 {
-            let per_byte = scan.as_secs_f64() / state_bytes as f64;
-            self.scan_per_byte = Some(self.scan_per_byte.map_or(per_byte, |p| p.min(per_byte)));
+        self.state_bytes = Some(state_bytes);
+        if let Some(s) = crate::model::fit_scan_throughput(state_bytes, scan) {
+            self.scan_throughput = Some(self.scan_throughput.map_or(s, |p| p.max(s)));
         }
-        if let Some(per_byte) = self.scan_per_byte {
-            let proportional = FROZEN_SCAN_PASSES * per_byte * state_bytes as f64;
-            self.fixed_cost = FROZEN_BASE
-                .saturating_add(Duration::try_from_secs_f64(proportional).unwrap_or(Duration::MAX));
-        }
+        let costs = HostCosts {
+            scan_throughput: self
+                .scan_throughput
+                .unwrap_or(self.config.costs.scan_throughput),
+            ..self.config.costs.clone()
+        };
+        self.fixed_cost = costs.frozen_cost(state_bytes);
         self.fixed_cost
     }
 
@@ -319,6 +316,20 @@ impl Policy {
         let secs = pages as f64 * self.config.page_size as f64 / bw;
         let transfer = Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX);
         Some(transfer.saturating_add(self.fixed_cost))
+    }
+
+    /// Predicted duration of a round that sends `pages`: the model's round time (scan of the
+    /// state at the fastest throughput seen, the profile's per-round overhead, the pages over
+    /// the measured bandwidth, which already carries the processing factor). `None` before a
+    /// scan and a bandwidth are known.
+    pub fn predicted_round(&self, pages: u64) -> Option<Duration> {
+        let bw = self.bandwidth?;
+        let m = self.state_bytes? as f64;
+        let s = self.scan_throughput?;
+        let secs = m / s
+            + self.config.costs.round_overhead.as_secs_f64()
+            + pages as f64 * self.config.page_size as f64 / bw;
+        Some(crate::model::secs(secs))
     }
 
     fn next_throttle(&self) -> Option<u8> {
@@ -398,11 +409,19 @@ mod tests {
             max_rounds: 5,
             min_shrink: 0.9,
             shrink_patience: 0,
-            fixed_cost: MS(100),
+            costs: fixed(MS(100)),
             page_size: PAGE_SIZE,
             auto_converge: false,
             throttle: ThrottleSteps::default(),
             throttle_trigger: 1.0,
+        }
+    }
+
+    /// Host costs of a fixed frozen phase only.
+    fn fixed(cost: Duration) -> HostCosts {
+        HostCosts {
+            frozen_fixed: cost,
+            ..HostCosts::free()
         }
     }
 
@@ -559,9 +578,36 @@ mod tests {
     }
 
     #[test]
+    fn the_frozen_cost_comes_from_the_model_with_the_fastest_scan() {
+        let costs = HostCosts {
+            frozen_fixed: MS(100),
+            frozen_throughput: 1e9,
+            scan_throughput: 5e8,
+            round_overhead: MS(10),
+            ..HostCosts::free()
+        };
+        let mut p = policy(Config {
+            costs: costs.clone(),
+            ..config()
+        });
+        assert_eq!(p.fixed_cost(), MS(100));
+        assert_eq!(p.predicted_round(10), None);
+        // 1 GB read in 0.5 s: 2 GB/s, faster than the profile's 0.5 GB/s.
+        let c = p.observe_scan(1_000_000_000, MS(500));
+        assert_eq!(c, MS(100) + MS(1000) + MS(500));
+        // A slower scan (paced by the link) does not count.
+        assert_eq!(p.observe_scan(1_000_000_000, MS(4000)), c);
+        assert_eq!(c, costs.frozen_cost(1_000_000_000) - MS(2000) + MS(500));
+        p.decide(&round(1000, 100, 10.0));
+        // Scan 0.5 s + overhead 10 ms + 100 pages over 100 MB/s.
+        let r = p.predicted_round(100).expect("known");
+        assert!(r.abs_diff(MS(510) + Duration::from_secs_f64(409_600.0 / 1e8)) < MS(1));
+    }
+
+    #[test]
     fn nothing_left_when_the_fixed_cost_alone_exceeds_the_limit() {
         let mut p = policy(Config {
-            fixed_cost: MS(500),
+            costs: fixed(MS(500)),
             ..config()
         });
         assert_eq!(

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::plan::Plan;
 use crate::protocol::stats::{CriuDumpStats, CriuRestoreStats, FinalReport, RoundReport};
 use crate::protocol::{ErrorCode, Phase, Side};
 
@@ -142,6 +143,50 @@ pub struct Report {
     pub precopy: PrecopySummary,
     /// The proxy's pause, if a proxy was used.
     pub proxy: Option<ProxyReport>,
+    /// The model's prediction made before the migration started (state size and dirty rate
+    /// measured live, the calibration profile's host terms), if one was made.
+    #[serde(default)]
+    pub prediction: Option<Plan>,
+    /// How far the prediction was off, once the migration committed.
+    #[serde(default)]
+    pub prediction_error: Option<PredictionError>,
+}
+
+/// Relative errors of a prediction, `(predicted - measured) / measured`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PredictionError {
+    /// Of the downtime.
+    pub downtime: Option<f64>,
+    /// Of the migration time.
+    pub total: Option<f64>,
+    /// Of the number of pre-copy rounds (predicted minus measured, absolute).
+    pub rounds: Option<i64>,
+}
+
+impl Report {
+    /// Fills in [`Report::prediction_error`] from the prediction and the measured timings of a
+    /// committed migration (the method predicted is the one that ran: pre-copy when there were
+    /// rounds).
+    pub fn score_prediction(&mut self) {
+        let Some(plan) = &self.prediction else {
+            return;
+        };
+        if self.outcome != Outcome::Committed {
+            return;
+        }
+        let method = if self.precopy.rounds.is_empty() {
+            &plan.stop_and_copy
+        } else {
+            &plan.pre_copy
+        };
+        let rel = |p: f64, m: f64| (m > 0.0).then(|| (p - m) / m);
+        self.prediction_error = Some(PredictionError {
+            downtime: rel(method.downtime_ms, self.timings.downtime_ms),
+            total: rel(method.total_ms, self.timings.total_ms),
+            rounds: (!self.precopy.rounds.is_empty())
+                .then(|| i64::from(method.rounds) - self.precopy.rounds.len() as i64),
+        });
+    }
 }
 
 impl Report {
@@ -164,6 +209,8 @@ impl Report {
             criu: String::new(),
             precopy: PrecopySummary::default(),
             proxy: None,
+            prediction: None,
+            prediction_error: None,
         }
     }
 }

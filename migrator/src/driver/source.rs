@@ -69,6 +69,11 @@ pub struct MigrateOptions {
     pub bandwidth: Option<u64>,
     /// The tether-proxy in front of the service, if any.
     pub proxy: Option<ProxyOptions>,
+    /// The model's host terms (from the calibration profile) the pre-copy policy predicts the
+    /// frozen phase with.
+    pub costs: crate::model::HostCosts,
+    /// The prediction made before the migration, for the report.
+    pub prediction: Option<crate::plan::Plan>,
 }
 
 /// Pre-copy settings.
@@ -82,6 +87,25 @@ pub struct PrecopyOptions {
     pub auto_converge: bool,
     /// Auto-converge throttle steps (first cut and increment, percent).
     pub throttle_steps: (u8, u8),
+}
+
+impl PrecopyOptions {
+    /// The pre-copy policy these settings make with the model's host terms `costs`: what the
+    /// migration runs, and what a prediction of it must run.
+    pub fn policy(&self, costs: crate::model::HostCosts) -> policy::Config {
+        policy::Config {
+            downtime_limit: self.downtime_limit,
+            max_rounds: self.max_rounds.max(1),
+            auto_converge: self.auto_converge,
+            throttle: policy::ThrottleSteps {
+                initial: self.throttle_steps.0,
+                increment: self.throttle_steps.1,
+                ..Default::default()
+            },
+            costs,
+            ..Default::default()
+        }
+    }
 }
 
 /// How long `tether migrate` waits for a lazy restore of the service to finish filling in its
@@ -324,24 +348,20 @@ async fn migrate_inner(
         service_addr: svc,
         source_pid: opts.pid,
         destination: opts.to.to_string(),
-        precopy: opts.precopy.as_ref().map(|pc| policy::Config {
-            downtime_limit: pc.downtime_limit,
-            max_rounds: pc.max_rounds.max(1),
-            auto_converge: pc.auto_converge,
-            throttle: policy::ThrottleSteps {
-                initial: pc.throttle_steps.0,
-                increment: pc.throttle_steps.1,
-                ..Default::default()
-            },
-            ..Default::default()
-        }),
+        precopy: opts
+            .precopy
+            .as_ref()
+            .map(|pc| pc.policy(opts.costs.clone())),
         gate: opts.proxy.as_ref().map(|p| GateConfig {
             redirect: p.redirect.is_some(),
         }),
         max_frozen: opts.max_frozen,
         timeouts: Timeouts::default(),
     };
-    let machine = SourceMachine::new(cfg, Instant::now()).map_err(MigrationError::check)?;
+    let mut machine = SourceMachine::new(cfg, Instant::now()).map_err(MigrationError::check)?;
+    if let Some(plan) = &opts.prediction {
+        machine.set_prediction(plan.clone());
+    }
     let record = SourceRecord {
         phase: SourcePhase::Frozen,
         lock_table: None,
@@ -1407,6 +1427,8 @@ mod tests {
             precopy: None,
             bandwidth: None,
             proxy: None,
+            costs: crate::profile::Profile::default().costs(),
+            prediction: None,
         }
     }
 

@@ -600,6 +600,12 @@ impl SourceMachine {
         m
     }
 
+    /// Records the model's prediction made before the migration, for the report (which scores
+    /// it once the migration commits).
+    pub fn set_prediction(&mut self, plan: crate::plan::Plan) {
+        self.report.prediction = Some(plan);
+    }
+
     fn blank(cfg: SourceConfig, now: Instant) -> SourceMachine {
         let report = Report::new(
             cfg.id.as_str(),
@@ -1530,6 +1536,8 @@ impl SourceMachine {
         };
         let decision = policy.decide(&stats);
         rep.predicted_downtime_ms = policy.predicted_downtime(next).map(ms);
+        rep.predicted_next_pages = Some(next);
+        rep.predicted_next_ms = policy.predicted_round(next).map(ms);
         let max_rounds = policy.config().max_rounds;
         // Nothing is known about the dirty rate before a second scan: the policy counts round 0
         // (for the cap) but cannot end pre-copy after it.
@@ -1964,6 +1972,7 @@ impl SourceMachine {
         self.deadline = None;
         self.report.outcome = outcome;
         self.report.timings.total_ms = ms(now - self.started);
+        self.report.score_prediction();
         let failure = self.late_failure.take();
         if let Some(f) = &failure {
             self.report.error = Some(ReportError {

@@ -45,6 +45,13 @@ pub struct RoundReport {
     pub predicted_downtime_ms: Option<f64>,
     /// CPU throttle applied during the round, percent.
     pub throttle: Option<u8>,
+    /// Pages the next round was predicted to send (the dirty rate over this round's duration).
+    #[serde(default)]
+    pub predicted_next_pages: Option<u64>,
+    /// The next round's predicted duration, ms (the model's round time with this migration's
+    /// scan throughput and bandwidth).
+    #[serde(default)]
+    pub predicted_next_ms: Option<f64>,
 }
 
 /// Figures of the final difference.
