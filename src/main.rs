@@ -23,6 +23,10 @@ enum Command {
     Agent(cli::agent::AgentArgs),
     // No doc comment here: it would replace the long help of `MigrateArgs` with one line.
     Migrate(cli::migrate::MigrateArgs),
+    // No doc comment here: it would replace the long help of `PlanArgs` with one line.
+    Plan(cli::plan::PlanArgs),
+    // No doc comment here: it would replace the long help of `CalibrateArgs` with one line.
+    Calibrate(cli::calibrate::CalibrateArgs),
     /// Measure how fast a running process tree writes memory.
     DirtyRate(cli::dirty_rate::DirtyRateArgs),
     /// Run the L4 proxy that keeps client flows open across migrations.
@@ -44,6 +48,8 @@ fn main() -> std::process::ExitCode {
         Command::Certs(a) => cli::certs::run(a),
         Command::Agent(a) => cli::runtime().and_then(|rt| rt.block_on(cli::agent::run(a))),
         Command::Migrate(a) => cli::runtime().and_then(|rt| rt.block_on(cli::migrate::run(a))),
+        Command::Plan(a) => cli::plan::run(a),
+        Command::Calibrate(a) => cli::calibrate::run(a),
         Command::DirtyRate(a) => cli::dirty_rate::run(a),
         Command::Proxy(a) => cli::runtime().and_then(|rt| rt.block_on(cli::proxy::run(a))),
         Command::Proxyctl(a) => cli::runtime().and_then(|rt| rt.block_on(cli::proxyctl::run(a))),

@@ -123,6 +123,16 @@ pub struct MigrateArgs {
     /// Cap the transfer rate, bits/s (e.g. 100M, 1G).
     #[arg(long, value_parser = parse_rate, value_name = "RATE")]
     bandwidth: Option<u64>,
+    /// The calibration profile: the host terms of the migration model, with which the pre-copy
+    /// policy predicts the frozen phase and the report's prediction is made. Default:
+    /// /etc/tether/profile.toml if it exists, else the built-in terms (see `tether calibrate`).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+    /// Before starting, measure the service's state size and dirty rate over this window and
+    /// record the model's prediction in the report, scored against what happened (as `tether
+    /// plan` does; it needs --bandwidth or a profile that records the link). 0 skips it.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms", value_name = "DURATION")]
+    predict_window: Duration,
 }
 
 /// Runs `tether migrate`.
@@ -176,6 +186,14 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     else {
         anyhow::bail!("--pid, --to, --certs and --service-addr are required");
     };
+    let profile = super::plan::load_profile(a.profile.as_deref())?;
+    let precopy = (!a.stop_and_copy).then_some(PrecopyOptions {
+        downtime_limit: a.downtime_limit,
+        max_rounds: a.max_rounds,
+        auto_converge: a.auto_converge,
+        throttle_steps: (a.throttle_initial, a.throttle_increment),
+    });
+    let prediction = predict(&a, pid, &profile, precopy.as_ref());
     let opts = MigrateOptions {
         pid,
         to,
@@ -186,13 +204,10 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         state_dir: a.state_dir.clone(),
         criu_log_level: a.criu_log_level,
         max_frozen: a.max_frozen,
-        precopy: (!a.stop_and_copy).then_some(PrecopyOptions {
-            downtime_limit: a.downtime_limit,
-            max_rounds: a.max_rounds,
-            auto_converge: a.auto_converge,
-            throttle_steps: (a.throttle_initial, a.throttle_increment),
-        }),
+        precopy,
         bandwidth: a.bandwidth,
+        costs: profile.costs(),
+        prediction,
         proxy: match (a.proxy.clone(), a.service.clone()) {
             (Some(socket), Some(service)) => Some(ProxyOptions {
                 socket,
@@ -223,6 +238,21 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 fin,
                 report.images.total_bytes
             );
+            if let (Some(p), Some(e)) = (&report.prediction, &report.prediction_error) {
+                let m = if rounds == 0 {
+                    &p.stop_and_copy
+                } else {
+                    &p.pre_copy
+                };
+                eprintln!(
+                    "tether: predicted downtime {:.1} ms ({:+.0}%), total {:.1} ms ({:+.0}%), {} round(s)",
+                    m.downtime_ms,
+                    e.downtime.unwrap_or(0.0) * 100.0,
+                    m.total_ms,
+                    e.total.unwrap_or(0.0) * 100.0,
+                    m.rounds
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -231,6 +261,33 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map_or_else(|| "-".to_string(), |r| r.migration_id.clone());
             report_failure(&id, &e, &write)
+        }
+    }
+}
+
+/// The model's prediction for this migration, measured live (`None`, with a note, when it
+/// cannot be made: nothing depends on it).
+fn predict(
+    a: &MigrateArgs,
+    pid: i32,
+    profile: &tether_migrator::profile::Profile,
+    precopy: Option<&PrecopyOptions>,
+) -> Option<tether_migrator::plan::Plan> {
+    if a.predict_window.is_zero() {
+        return None;
+    }
+    let inputs = super::plan::LiveInputs {
+        pid,
+        window: a.predict_window,
+        bandwidth_bits: a.bandwidth,
+        profile,
+        precopy,
+    };
+    match super::plan::live_plan(&inputs) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::info!("no prediction for the report: {e:#}");
+            None
         }
     }
 }

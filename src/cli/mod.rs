@@ -2,9 +2,11 @@
 //! the `tether-migrator` and `tether-proxy` libraries.
 
 pub mod agent;
+pub mod calibrate;
 pub mod certs;
 pub mod dirty_rate;
 pub mod migrate;
+pub mod plan;
 pub mod proxy;
 pub mod proxyctl;
 pub mod units;
