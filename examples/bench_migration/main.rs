@@ -15,10 +15,21 @@
 //! Progress goes to stderr, the tables (Markdown) to stdout, every report's key numbers (and the
 //! reports themselves) to the JSON file, rewritten after every cell.
 //!
+//! The migration model is checked in the same run ([`model_eval`]): a profile is calibrated per
+//! link with short synthetic migrations first, every grid move runs with its link's profile
+//! (so its report carries the prediction `tether migrate` made), and the run ends with the
+//! predicted-vs-measured table, the errors over the grid (converging and non-converging cells
+//! apart), a held-out check (fitted to the 64 MiB cells only, predicting the larger ones) and
+//! SVG figures ([`plots`]).
+//!
 //! Run as root: `scripts/bench-migration.sh [--quick]` (runs scripts/setup.sh, builds, runs
 //! this). The full grid takes 15-25 minutes on a 2-core machine, `--quick` 2-3 minutes.
 
-use std::path::PathBuf;
+mod model_eval;
+mod plots;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -61,6 +72,9 @@ struct Args {
     /// the default lazy restore (userfaultfd), which takes copying memory out of the downtime.
     #[arg(long)]
     full_restore: bool,
+    /// Where the SVG figures of the model against the measured moves go.
+    #[arg(long, default_value = "target/bench-migration-figures")]
+    figures: PathBuf,
 }
 
 impl Args {
@@ -189,8 +203,24 @@ struct Output<'a> {
     /// Restores were full on both hosts (`--full-restore`), else lazy where supported.
     full_restore: bool,
     baseline: &'a Baseline,
+    /// The profile calibrated per link at the start of the run.
+    profiles: &'a BTreeMap<u64, model_eval::LinkProfile>,
     cells: &'a [Cell],
     targets: Vec<Target>,
+    /// The model against the grid (once the grid is done).
+    model: Option<&'a Evaluation>,
+}
+
+/// The model against the grid.
+#[derive(Debug, Serialize)]
+struct Evaluation {
+    /// Every move against the prediction its report carries.
+    moves: Vec<model_eval::Scored>,
+    summary: model_eval::Summary,
+    /// Fitted to the 64 MiB cells only, predicting the larger ones.
+    held_out: Vec<model_eval::Scored>,
+    held_out_summary: model_eval::Summary,
+    figures: Vec<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -257,6 +287,24 @@ fn main() -> anyhow::Result<()> {
         list(&baseline.downtime_ms)
     );
 
+    let json_dir = args
+        .json
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    eprintln!(
+        "calibrating the model per link ({:?} MiB services, short synthetic migrations)",
+        [16, 128]
+    );
+    let profiles = model_eval::calibrate_links(
+        &bins,
+        &args.links,
+        &args.full_restore_on(),
+        &json_dir,
+        &stop,
+    )?;
+
     let mut cells: Vec<Cell> = Vec::new();
     let mut complete = true;
     for (i, &(link, state, dirty)) in grid.iter().enumerate() {
@@ -277,7 +325,16 @@ fn main() -> anyhow::Result<()> {
             first.name(),
             started.elapsed().as_secs_f64()
         );
-        let cell = run_cell(&bins, &args, &baseline, (link, state, dirty), first, &stop);
+        let profile = &profiles[&link].path;
+        let cell = run_cell(
+            &bins,
+            &args,
+            &baseline,
+            profile,
+            (link, state, dirty),
+            first,
+            &stop,
+        );
         if let Some(e) = &cell.error {
             eprintln!("  !!! CELL FAILED: link {link} Mbit/s, state {state} MiB, dirty {dirty} pages/s: {e:#}");
         } else {
@@ -289,13 +346,29 @@ fn main() -> anyhow::Result<()> {
             );
         }
         cells.push(cell);
-        write_json(&args, started_unix, started, false, &baseline, &cells)?;
+        let run = Run {
+            args: &args,
+            started_unix,
+            started,
+            baseline: &baseline,
+            profiles: &profiles,
+        };
+        write_json(&run, false, &cells, None)?;
     }
     if cells.len() < grid.len() {
         complete = false;
     }
-    write_json(&args, started_unix, started, complete, &baseline, &cells)?;
+    let run = Run {
+        args: &args,
+        started_unix,
+        started,
+        baseline: &baseline,
+        profiles: &profiles,
+    };
+    write_json(&run, complete, &cells, None)?;
     print_tables(&args, &baseline, &cells);
+    let eval = evaluate(&args, &cells, &profiles)?;
+    write_json(&run, complete, &cells, Some(&eval))?;
     eprintln!(
         "bench-migration: {} cells in {:.1} s; results in {}",
         cells.len(),
@@ -424,6 +497,7 @@ fn run_cell(
     bins: &Binaries,
     args: &Args,
     baseline: &Baseline,
+    profile: &Path,
     (link, state, dirty): (u64, u32, u32),
     first: Method,
     stop: &AtomicBool,
@@ -444,7 +518,7 @@ fn run_cell(
         precopy_over_floor: None,
         error: None,
     };
-    if let Err(e) = fill_cell(bins, args, baseline, &mut cell, stop) {
+    if let Err(e) = fill_cell(bins, args, baseline, profile, &mut cell, stop) {
         cell.error = Some(format!("{e:#}"));
     }
     if let (Some(s), Some(p)) = (&cell.stop_and_copy, &cell.pre_copy) {
@@ -498,6 +572,7 @@ fn fill_cell(
     bins: &Binaries,
     args: &Args,
     baseline: &Baseline,
+    profile: &Path,
     cell: &mut Cell,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
@@ -531,7 +606,14 @@ fn fill_cell(
             bail!("interrupted");
         }
         std::thread::sleep(settle);
-        let m = one_move(&mut s, method, args, link_bps, baseline.median_restore_ms)?;
+        let m = one_move(
+            &mut s,
+            method,
+            args,
+            profile,
+            link_bps,
+            baseline.median_restore_ms,
+        )?;
         match method {
             Method::StopAndCopy => cell.stop_and_copy = Some(m),
             Method::PreCopy => cell.pre_copy = Some(m),
@@ -545,6 +627,7 @@ fn one_move(
     s: &mut Scenario,
     method: Method,
     args: &Args,
+    profile: &Path,
     link_bps: u64,
     floor_restore_ms: f64,
 ) -> anyhow::Result<Move> {
@@ -552,7 +635,9 @@ fn one_move(
     let to = other(from);
     // The grid's slowest stop-and-copy (512 MiB over 100 Mbit/s) stays frozen ~47 s: the
     // benchmark measures it rather than letting --max-frozen roll it back.
-    let mut extra: Vec<&str> = vec!["--max-frozen", "180s"];
+    // With the link's profile, `tether migrate` measures the service and predicts the move.
+    let profile = profile.display().to_string();
+    let mut extra: Vec<&str> = vec!["--max-frozen", "180s", "--profile", &profile];
     match method {
         Method::StopAndCopy => extra.push("--stop-and-copy"),
         Method::PreCopy => extra.extend(["--downtime-limit", args.downtime_limit.as_str()]),
@@ -675,17 +760,25 @@ fn targets(cells: &[Cell]) -> Vec<Target> {
     out
 }
 
-fn write_json(
-    args: &Args,
+/// What every JSON rewrite carries besides the cells.
+struct Run<'a> {
+    args: &'a Args,
     started_unix: u64,
     started: Instant,
+    baseline: &'a Baseline,
+    profiles: &'a BTreeMap<u64, model_eval::LinkProfile>,
+}
+
+fn write_json(
+    run: &Run<'_>,
     complete: bool,
-    baseline: &Baseline,
     cells: &[Cell],
+    model: Option<&Evaluation>,
 ) -> anyhow::Result<()> {
+    let args = run.args;
     let out = Output {
-        started_unix,
-        elapsed_s: started.elapsed().as_secs_f64(),
+        started_unix: run.started_unix,
+        elapsed_s: run.started.elapsed().as_secs_f64(),
         complete,
         cpus: cpus(),
         links_mbit: &args.links,
@@ -693,12 +786,91 @@ fn write_json(
         dirty_pages_per_sec: &args.dirty,
         downtime_limit: &args.downtime_limit,
         full_restore: args.full_restore,
-        baseline,
+        baseline: run.baseline,
+        profiles: run.profiles,
         cells,
         targets: targets(cells),
+        model,
     };
     std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("writing {}", args.json.display()))
+}
+
+/// The model against the grid: printed, and returned for the JSON.
+fn evaluate(
+    args: &Args,
+    cells: &[Cell],
+    profiles: &BTreeMap<u64, model_eval::LinkProfile>,
+) -> anyhow::Result<Evaluation> {
+    let mut refs = Vec::new();
+    for c in cells {
+        let converging = c.pre_copy.as_ref().and_then(|m| m.stop_reason.as_deref())
+            == Some("DowntimeUnderLimit");
+        for m in c.stop_and_copy.iter().chain(&c.pre_copy) {
+            refs.push(model_eval::MoveRef {
+                link_mbit: c.link_mbit,
+                state_mib: c.state_mib,
+                dirty_pages_per_sec: c.dirty_pages_per_sec,
+                converging,
+                report: &m.report,
+            });
+        }
+    }
+    let moves = model_eval::score_reports(&refs);
+    model_eval::print_scored(
+        "The model: predicted (before each move, by `tether migrate` with the link's calibrated profile) vs measured",
+        &moves,
+        table,
+    );
+    let summary = model_eval::Summary::of("calibrated in this run", &moves);
+    let train = 64;
+    let held_out = model_eval::held_out(&refs, train)?;
+    model_eval::print_scored(
+        &format!("Held out: fitted to the {train} MiB cells only, predicting the larger states"),
+        &held_out,
+        table,
+    );
+    let held_out_summary = model_eval::Summary::of(
+        &format!("held out (fitted to the {train} MiB cells, predicting larger states)"),
+        &held_out,
+    );
+    println!("\n## Model errors |predicted - measured| / measured\n");
+    summary.print(0.15, 0.30);
+    held_out_summary.print(0.20, f64::INFINITY);
+    // The lines use the state each move measured: the nominal state plus the process's own.
+    let overheads: Vec<f64> = moves
+        .iter()
+        .zip(refs.iter().filter(|r| r.report.prediction.is_some()))
+        .filter_map(|(m, r)| {
+            let p = r.report.prediction.as_ref()?;
+            Some(p.inputs.state_bytes as f64 - f64::from(m.state_mib) * 1_048_576.0)
+        })
+        .collect();
+    let overhead = median(&overheads).max(0.0) as u64;
+    let limit = tether_migrator::model::secs(
+        moves
+            .iter()
+            .zip(&refs)
+            .find_map(|(_, r)| r.report.prediction.as_ref())
+            .map_or(0.3, |p| p.inputs.downtime_limit_ms / 1000.0),
+    );
+    let by_link: BTreeMap<u64, tether_migrator::profile::Profile> = profiles
+        .iter()
+        .map(|(l, p)| (*l, p.calibration.profile.clone()))
+        .collect();
+    std::fs::create_dir_all(&args.figures)?;
+    let figures = plots::write_all(&args.figures, &moves, &by_link, limit, overhead)?;
+    println!();
+    for f in &figures {
+        println!("- figure: {}", f.display());
+    }
+    Ok(Evaluation {
+        moves,
+        summary,
+        held_out,
+        held_out_summary,
+        figures,
+    })
 }
 
 /// Prints a Markdown table with aligned columns: the columns listed in `left` are left-aligned
