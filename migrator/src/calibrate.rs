@@ -5,13 +5,15 @@
 //!
 //! 1. `S`, scan throughput: the median of the rounds' read-and-hash rates, rounds after round 0
 //!    only (round 0's scan is paced by the link);
-//! 2. `rho` and `eps`: round 0 of each pre-copy fixes `rho = T_0 / (M/S + M/B + eps)`, the later
-//!    rounds `eps = T_i / rho - M/S - V_i/B` (medians, two passes);
-//! 3. `C` and `D`: the downtime less the terms already known (the frozen transfer
-//!    `rho V_final / B`, and for pre-copy the read-back `M/S`) is `C + M/D`: a least-squares
-//!    line over the state sizes (pre-copy samples when they span two sizes or more; with a
-//!    single size, `D` keeps the base profile's value and `C` takes the rest);
-//! 4. `T_setup`: the median of the migration time less its rounds and downtime.
+//! 2. `rho` and `eps`: round 0 of each pre-copy fixes `rho = T_0 / (max(M/S, M/B) + eps)`, the
+//!    later rounds `eps = T_i / rho - max(M/S, V_i/B)` (medians, two passes);
+//! 3. `C` and `D`: the downtime of a migration that sent little while frozen (under a tenth of
+//!    its state), less the terms already known (the frozen transfer `rho V_final / B`, and for
+//!    pre-copy the read-back `M/S`), is `C + M/D`: a least-squares line over the state sizes
+//!    (with a single size, `D` keeps the base profile's value and `C` takes the rest);
+//! 4. `F`: what remains of the downtimes of migrations that sent a quarter of their state or
+//!    more while frozen (stop-and-copy), per byte sent (median);
+//! 5. `T_setup`: the median of the migration time less its rounds and downtime.
 //!
 //! Terms nothing measured keep the base profile's values (the result says which).
 
@@ -184,7 +186,7 @@ pub fn fit(
                 .filter_map(|s| s.rounds.first().map(|r| (s, r)))
                 .map(|(s, r)| {
                     let m = s.state_bytes as f64;
-                    (r.duration_ms / 1000.0) / (m / s_bps + r.bytes as f64 / b + eps)
+                    (r.duration_ms / 1000.0) / ((m / s_bps).max(r.bytes as f64 / b) + eps)
                 })
                 .collect(),
         );
@@ -195,8 +197,7 @@ pub fn fit(
                 .flat_map(|s| s.rounds.iter().skip(1))
                 .map(|r| {
                     (r.duration_ms / 1000.0) / rho_now
-                        - r.scanned_bytes as f64 / s_bps
-                        - r.bytes as f64 / b
+                        - (r.scanned_bytes as f64 / s_bps).max(r.bytes as f64 / b)
                 })
                 .collect(),
         ) {
@@ -213,37 +214,70 @@ pub fn fit(
         kept.push("round_overhead_ms".to_string());
     }
 
-    // 3. C + M/D from what remains of each downtime.
-    let residual = |s: &Sample| {
+    // 3 and 4, twice: C + M/D from the migrations that sent little while frozen, then F from
+    // those that sent much; the second pass takes F's share out of the first's residuals.
+    let rho = p.processing_factor;
+    let residual = |s: &Sample, f: Option<f64>| {
         let m = s.state_bytes as f64;
-        let transfer = p.processing_factor * s.final_bytes as f64 / b;
+        let v = s.final_bytes as f64;
+        let transfer = rho * v / b + f.map_or(0.0, |f| v / (f * MIB));
         let readback = if s.pre_copy() { m / s_bps } else { 0.0 };
         (m, s.downtime_ms / 1000.0 - transfer - readback)
     };
-    let pre: Vec<(f64, f64)> = samples
-        .iter()
-        .filter(|s| s.pre_copy())
-        .map(residual)
-        .collect();
-    let all: Vec<(f64, f64)> = samples.iter().map(residual).collect();
-    let fitted = line(&pre).or_else(|| line(&all));
-    match fitted {
-        Some((c, slope)) if slope > 0.0 => {
-            p.frozen_mib_s = 1.0 / slope / MIB;
-            p.frozen_fixed_ms = (c * 1000.0).max(0.0);
-        }
-        _ => {
-            // One state size (or a slope the noise made negative): D from the base profile.
-            kept.push("frozen_mib_s".to_string());
-            let d = p.frozen_mib_s * MIB;
-            let points = if pre.is_empty() { &all } else { &pre };
-            if let Some(c) = median(points.iter().map(|(m, r)| r - m / d).collect()) {
+    let small_final = |s: &&Sample| s.final_bytes * 10 < s.state_bytes.max(1);
+    let large_final = |s: &&Sample| s.final_bytes > 0 && s.final_bytes * 4 >= s.state_bytes;
+    let mut f = p.frozen_transfer_mib_s;
+    let mut kept_cd = false;
+    let mut kept_f = false;
+    for _ in 0..2 {
+        let small: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(small_final)
+            .map(|s| residual(s, f))
+            .collect();
+        let all: Vec<(f64, f64)> = samples.iter().map(|s| residual(s, f)).collect();
+        match line(&small).or_else(|| line(&all)) {
+            Some((c, slope)) if slope > 0.0 => {
+                p.frozen_mib_s = 1.0 / slope / MIB;
                 p.frozen_fixed_ms = (c * 1000.0).max(0.0);
             }
+            _ => {
+                // One state size (or a slope the noise made negative): D from the base.
+                kept_cd = true;
+                p.frozen_mib_s = base.frozen_mib_s;
+                let d = p.frozen_mib_s * MIB;
+                let points = if small.is_empty() { &all } else { &small };
+                if let Some(c) = median(points.iter().map(|(m, r)| r - m / d).collect()) {
+                    p.frozen_fixed_ms = (c * 1000.0).max(0.0);
+                }
+            }
+        }
+        let (c_secs, d_bps) = (p.frozen_fixed_ms / 1000.0, p.frozen_mib_s * MIB);
+        let per_byte = median(
+            samples
+                .iter()
+                .filter(large_final)
+                .map(|s| {
+                    let (m, r) = residual(s, None);
+                    (r - c_secs - m / d_bps) / s.final_bytes as f64
+                })
+                .collect(),
+        );
+        match per_byte {
+            Some(x) if x > 0.0 => f = Some(1.0 / x / MIB),
+            Some(_) => f = None,
+            None => kept_f = true,
         }
     }
+    p.frozen_transfer_mib_s = f;
+    if kept_cd {
+        kept.push("frozen_mib_s".to_string());
+    }
+    if kept_f {
+        kept.push("frozen_transfer_mib_s".to_string());
+    }
 
-    // 4. The rest of the migration time.
+    // 5. The rest of the migration time.
     if let Some(setup) = median(
         samples
             .iter()
@@ -256,12 +290,11 @@ pub fn fit(
         p.setup_ms = setup.max(0.0);
     }
 
-    let mut sizes: Vec<f64> = samples
-        .iter()
-        .map(|s| (s.state_bytes as f64 / MIB).round())
-        .collect();
+    // Sizes within 5% of each other are one size (a 64 MiB service dumps 64-65 MiB).
+    let mut sizes: Vec<f64> = samples.iter().map(|s| s.state_bytes as f64 / MIB).collect();
     sizes.sort_by(f64::total_cmp);
-    sizes.dedup();
+    sizes.dedup_by(|b, a| *b <= *a * 1.05);
+    let sizes = sizes.into_iter().map(f64::round).collect();
     p.source = source.to_string();
     p.link_mbit = Some(bandwidth * 8.0 / 1e6);
     Ok(Calibration {
@@ -342,6 +375,7 @@ mod tests {
             processing_factor: 1.1,
             frozen_fixed_ms: 90.0,
             frozen_mib_s: 650.0,
+            frozen_transfer_mib_s: Some(400.0),
             setup_ms: 75.0,
             link_mbit: None,
         };
@@ -356,6 +390,8 @@ mod tests {
         assert!(near(p.frozen_fixed_ms, 90.0, 0.02), "{p:?}");
         assert!(near(p.frozen_mib_s, 650.0, 0.02), "{p:?}");
         assert!(near(p.setup_ms, 75.0, 0.01), "{p:?}");
+        let f = p.frozen_transfer_mib_s.expect("F fitted");
+        assert!(near(f, 400.0, 0.02), "{p:?}");
         assert_eq!(p.source, "synthetic");
         assert_eq!(c.state_sizes_mib, vec![16.0, 64.0, 256.0]);
     }
@@ -373,7 +409,10 @@ mod tests {
             ..Profile::default()
         };
         let c = fit(&samples, bw, &base, "one size").expect("fit");
-        assert_eq!(c.kept_from_base, vec!["frozen_mib_s".to_string()]);
+        assert!(
+            c.kept_from_base.iter().any(|k| k == "frozen_mib_s"),
+            "{c:?}"
+        );
         assert_eq!(c.profile.frozen_mib_s, 500.0);
         // C absorbs the difference: the downtimes of that size are still predicted.
         let m = 64.0 * MIB;

@@ -6,7 +6,9 @@
 //! pre-copy without soft-dirty, where every round reads (and hashes) the whole state to find what
 //! changed:
 //!
-//! - `T_0 = rho (M / S + M / B + eps)`: round 0 reads and sends all `M` bytes;
+//! - `T_0 = rho (max(M / S, M / B) + eps)`: round 0 reads and sends all `M` bytes; tether scans
+//!   and sends in a pipeline (a bounded channel of page batches between them), so a round takes
+//!   as long as the slower of the two;
 //! - `N_i = D(R_{i-1}, T_{i-1})`: the distinct pages dirtied during the previous round, at most
 //!   the working set `W` (by default `M`); `R_{i-1}` is the dirty rate during that round, cut by
 //!   the throttle then in force (dirty rate assumed proportional to CPU time). With
@@ -14,19 +16,20 @@
 //!   [`DirtyPattern::Uniform`] (writes to pages drawn at random from the working set, the
 //!   default) `D = w (1 - exp(-R T / w))` for `w = W / sigma` pages, since a page written twice
 //!   is sent once;
-//! - `T_i = rho (M / S + N_i sigma / B + eps)` for `i > 0`;
-//! - `T_down = C + M / D + M / S + rho N_final sigma / B`: the fixed cost `C` of the frozen phase
-//!   for a minimal process (dump and restore set-up, the commit's round trips), its
-//!   memory-proportional part at throughput `D` (CRIU's dump to tmpfs, the destination's page
-//!   files), reading the dump to find the final difference, and sending that difference;
-//! - stop-and-copy: `T_down = C + M / D + rho M / B`;
+//! - `T_i = rho (max(M / S, N_i sigma / B) + eps)` for `i > 0`;
+//! - `T_down = C + M / D + M / S + V (rho / B + 1 / F)` with `V = N_final sigma`: the fixed cost
+//!   `C` of the frozen phase for a minimal process (dump and restore set-up, the commit's round
+//!   trips), its memory-proportional part at throughput `D` (CRIU's dump to tmpfs, the
+//!   destination's page files), reading the dump to find the final difference, and sending that
+//!   difference, whose bytes also pass through the frozen path's own processing at throughput
+//!   `F` (read back from the dump, stored and written into page files at the destination);
+//! - stop-and-copy: `T_down = C + M / D + M (rho / B + 1 / F)`;
 //! - `T_mig = T_setup + sum_i T_i + T_down`, `T_setup` being what a migration costs outside the
 //!   rounds and the downtime (handshake, checks, the end of the command).
 //!
-//! So `tau1 = 1/S + 1/B` and `tau2 = 1/B` (plus the per-round scan `M/S`, which the original
-//! model folds into `eps`). With `S = D = infinity`, `C = T_setup = 0` and the linear pattern it
-//! is exactly the original model. Scanning and sending are taken as sequential, an upper bound
-//! when tether overlaps them.
+//! So `tau1 = max(1/S, 1/B)` and `tau2 = 1/B` while the link is slower than the scan (the
+//! per-round scan `M/S` is what the original model folds into `eps`). With `S = D = F =
+//! infinity`, `C = T_setup = 0` and the linear pattern it is exactly the original model.
 //!
 //! The host-dependent terms (`S`, `eps`, `rho`, `C`, `D`, `T_setup`) come from a calibration
 //! profile ([`crate::profile`]); which round is the last one is decided by the real policy, in
@@ -81,6 +84,9 @@ pub struct HostCosts {
     /// `D`: throughput of the memory-proportional part of the frozen phase, bytes/s
     /// (`f64::INFINITY`: free).
     pub frozen_throughput: f64,
+    /// `F`: throughput of the frozen path's processing of the bytes sent while frozen, bytes/s
+    /// (`f64::INFINITY`: free).
+    pub frozen_transfer_throughput: f64,
     /// `T_setup`: what a migration costs outside its rounds and downtime.
     pub setup: Duration,
 }
@@ -94,6 +100,7 @@ impl HostCosts {
             processing_factor: 1.0,
             frozen_fixed: Duration::ZERO,
             frozen_throughput: f64::INFINITY,
+            frozen_transfer_throughput: f64::INFINITY,
             setup: Duration::ZERO,
         }
     }
@@ -104,6 +111,8 @@ impl HostCosts {
         check("scan_throughput", s, s > 0.0, "> 0")?;
         let d = self.frozen_throughput;
         check("frozen_throughput", d, d > 0.0, "> 0")?;
+        let f = self.frozen_transfer_throughput;
+        check("frozen_transfer_throughput", f, f > 0.0, "> 0")?;
         let rho = self.processing_factor;
         check(
             "processing_factor",
@@ -192,18 +201,18 @@ impl Params {
         ws.div_ceil(self.page_size.max(1))
     }
 
-    /// Seconds of one round that sends `bytes`: `rho (M / S + bytes / B + eps)`.
+    /// Seconds of one round that sends `bytes`: `rho (max(M / S, bytes / B) + eps)`.
     pub fn round_secs(&self, bytes: f64) -> f64 {
         let c = &self.costs;
         c.processing_factor
-            * (self.m() / c.scan_throughput
-                + bytes / self.bandwidth
+            * ((self.m() / c.scan_throughput).max(bytes / self.bandwidth)
                 + c.round_overhead.as_secs_f64())
     }
 
-    /// Seconds sending `bytes` while frozen: `rho bytes / B`.
+    /// Seconds sending `bytes` while frozen: `bytes (rho / B + 1 / F)`.
     pub fn frozen_transfer_secs(&self, bytes: f64) -> f64 {
-        self.costs.processing_factor * bytes / self.bandwidth
+        let c = &self.costs;
+        bytes * (c.processing_factor / self.bandwidth + 1.0 / c.frozen_transfer_throughput)
     }
 
     /// Distinct pages dirtied in `secs` at `rate` pages/s, capped at the working set.

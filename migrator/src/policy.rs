@@ -313,22 +313,23 @@ impl Policy {
             return Some(self.fixed_cost);
         }
         let bw = self.bandwidth?;
-        let secs = pages as f64 * self.config.page_size as f64 / bw;
+        let bytes = pages as f64 * self.config.page_size as f64;
+        let secs = bytes / bw + bytes / self.config.costs.frozen_transfer_throughput;
         let transfer = Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX);
         Some(transfer.saturating_add(self.fixed_cost))
     }
 
-    /// Predicted duration of a round that sends `pages`: the model's round time (scan of the
-    /// state at the fastest throughput seen, the profile's per-round overhead, the pages over
-    /// the measured bandwidth, which already carries the processing factor). `None` before a
+    /// Predicted duration of a round that sends `pages`: the model's round time (the slower of
+    /// the scan of the state at the fastest throughput seen and the pages over the measured
+    /// bandwidth, which already carries the processing factor, plus the profile's per-round
+    /// overhead). `None` before a
     /// scan and a bandwidth are known.
     pub fn predicted_round(&self, pages: u64) -> Option<Duration> {
         let bw = self.bandwidth?;
         let m = self.state_bytes? as f64;
         let s = self.scan_throughput?;
-        let secs = m / s
-            + self.config.costs.round_overhead.as_secs_f64()
-            + pages as f64 * self.config.page_size as f64 / bw;
+        let secs = (m / s).max(pages as f64 * self.config.page_size as f64 / bw)
+            + self.config.costs.round_overhead.as_secs_f64();
         Some(crate::model::secs(secs))
     }
 
@@ -599,9 +600,15 @@ mod tests {
         assert_eq!(p.observe_scan(1_000_000_000, MS(4000)), c);
         assert_eq!(c, costs.frozen_cost(1_000_000_000) - MS(2000) + MS(500));
         p.decide(&round(1000, 100, 10.0));
-        // Scan 0.5 s + overhead 10 ms + 100 pages over 100 MB/s.
+        // The slower of the scan (0.5 s) and 100 pages over 100 MB/s, plus the overhead.
         let r = p.predicted_round(100).expect("known");
-        assert!(r.abs_diff(MS(510) + Duration::from_secs_f64(409_600.0 / 1e8)) < MS(1));
+        assert!(r.abs_diff(MS(510)) < MS(1), "{r:?}");
+        // 20,000 pages take 0.82 s to send: the link is the slower.
+        let r = p.predicted_round(20_000).expect("known");
+        assert!(
+            r.abs_diff(MS(10) + Duration::from_secs_f64(0.8192)) < MS(1),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct Profile {
     pub frozen_fixed_ms: f64,
     /// `D`: the memory-proportional part of the frozen phase, MiB/s.
     pub frozen_mib_s: f64,
+    /// `F`: the frozen path's processing of the bytes sent while frozen, MiB/s (none: only the
+    /// link counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_transfer_mib_s: Option<f64>,
     /// `T_setup`: what a migration costs besides its rounds and downtime, ms.
     pub setup_ms: f64,
     /// The link rate of the host pair the profile was calibrated on, Mbit/s: the bandwidth
@@ -92,6 +96,7 @@ impl Default for Profile {
             processing_factor: 1.07,
             frozen_fixed_ms: 110.0,
             frozen_mib_s: 700.0,
+            frozen_transfer_mib_s: None,
             setup_ms: 120.0,
             link_mbit: None,
         }
@@ -124,6 +129,9 @@ impl Profile {
         if let Some(l) = self.link_mbit {
             positive("link_mbit", l)?;
         }
+        if let Some(f) = self.frozen_transfer_mib_s {
+            positive("frozen_transfer_mib_s", f)?;
+        }
         Ok(())
     }
 
@@ -140,6 +148,9 @@ impl Profile {
             processing_factor: self.processing_factor,
             frozen_fixed: ms(self.frozen_fixed_ms),
             frozen_throughput: self.frozen_mib_s * MIB,
+            frozen_transfer_throughput: self
+                .frozen_transfer_mib_s
+                .map_or(f64::INFINITY, |f| f * MIB),
             setup: ms(self.setup_ms),
         }
     }
@@ -165,7 +176,7 @@ impl Profile {
              processing_factor = {:.4}   # rho: protocol and CPU cost on top of the link\n\
              frozen_fixed_ms = {:.2}     # C: frozen phase of a minimal process\n\
              frozen_mib_s = {:.1}        # D: memory-proportional part of the frozen phase\n\
-             setup_ms = {:.2}            # T_setup: the rest of a migration\n{}",
+             setup_ms = {:.2}            # T_setup: the rest of a migration\n{}{}",
             self.source,
             self.scan_mib_s,
             self.round_overhead_ms,
@@ -173,6 +184,11 @@ impl Profile {
             self.frozen_fixed_ms,
             self.frozen_mib_s,
             self.setup_ms,
+            self.frozen_transfer_mib_s
+                .map(|f| format!(
+                    "frozen_transfer_mib_s = {f:.1}  # F: the frozen path's processing of bytes sent while frozen\n"
+                ))
+                .unwrap_or_default(),
             self.link_mbit
                 .map(|l| format!(
                     "link_mbit = {l:.1}           # the pair's link when calibrated\n"
@@ -245,6 +261,7 @@ mod tests {
             processing_factor: 1.0625,
             frozen_fixed_ms: 99.5,
             frozen_mib_s: 800.0,
+            frozen_transfer_mib_s: Some(600.0),
             setup_ms: 50.0,
             link_mbit: Some(100.0),
         };

@@ -256,3 +256,42 @@ pub struct PrecopySummary {
     /// The final difference sent after the dump.
     pub final_difference: Option<FinalReport>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Params;
+    use crate::plan::Plan;
+    use crate::policy::Config;
+
+    #[test]
+    fn a_committed_migration_scores_the_method_that_ran() {
+        let params = Params::new(64 << 20, 1000.0, 125e6);
+        let plan = Plan::new(&params, &Config::default(), false, "test").expect("plan");
+        let mut r = Report::new("m", 1, "dst".into(), "10.0.0.1/24".into());
+        r.prediction = Some(plan.clone());
+        // Not committed: nothing to score.
+        r.score_prediction();
+        assert_eq!(r.prediction_error, None);
+        r.outcome = Outcome::Committed;
+        r.timings.downtime_ms = plan.stop_and_copy.downtime_ms / 2.0;
+        r.timings.total_ms = plan.stop_and_copy.total_ms * 2.0;
+        r.score_prediction();
+        let e = r.prediction_error.expect("scored");
+        // No rounds ran: stop-and-copy is the method scored.
+        assert!((e.downtime.expect("downtime") - 1.0).abs() < 1e-9);
+        assert!((e.total.expect("total") + 0.5).abs() < 1e-9);
+        assert_eq!(e.rounds, None);
+        // With rounds, pre-copy is.
+        r.precopy.rounds = vec![RoundReport::default(); 3];
+        r.timings.downtime_ms = plan.pre_copy.downtime_ms;
+        r.score_prediction();
+        let e = r.prediction_error.expect("scored");
+        assert!(e.downtime.expect("downtime").abs() < 1e-9);
+        assert_eq!(e.rounds, Some(i64::from(plan.pre_copy.rounds) - 3));
+        // Nothing measured: no error rather than a division by zero.
+        r.timings.downtime_ms = 0.0;
+        r.score_prediction();
+        assert_eq!(r.prediction_error.expect("scored").downtime, None);
+    }
+}
