@@ -38,6 +38,51 @@ struct Args {
     /// Send all memory while frozen instead of pre-copying.
     #[arg(long)]
     stop_and_copy: bool,
+    /// The calibration profile `tether plan` and `tether migrate` use (default: theirs).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<std::path::PathBuf>,
+    /// Do not run `tether plan` before each move.
+    #[arg(long)]
+    no_plan: bool,
+}
+
+/// Runs `tether plan` on the service and returns its predicted downtime (ms) for the method the
+/// demo uses, printing the plan.
+fn plan(tether: &std::path::Path, pid: u32, args: &Args) -> anyhow::Result<f64> {
+    let mut cmd = std::process::Command::new(tether);
+    cmd.args(["plan", "--json", "--pid", &pid.to_string()]);
+    if args.link_mbit > 0 {
+        cmd.args(["--bandwidth", &format!("{}M", args.link_mbit)]);
+    } else {
+        // An unlimited veth pair: as fast as 10 Gbit/s for the model's purposes.
+        cmd.args(["--bandwidth", "10G"]);
+    }
+    if let Some(p) = &args.profile {
+        cmd.arg("--profile").arg(p);
+    }
+    let out = cmd.output()?;
+    // Exit 3: the limit is predicted not to hold; the plan is printed all the same.
+    if !(out.status.success() || out.status.code() == Some(3)) {
+        bail!(
+            "tether plan failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let plan: tether_migrator::plan::Plan = serde_json::from_slice(&out.stdout)?;
+    let m = if args.stop_and_copy {
+        &plan.stop_and_copy
+    } else {
+        &plan.pre_copy
+    };
+    println!(
+        "  tether plan: state {:.1} MiB, {:.0} pages/s -> predicted downtime {:.0} ms, migration {:.2} s, {} round(s)",
+        plan.inputs.state_bytes as f64 / 1_048_576.0,
+        plan.inputs.dirty_rate,
+        m.downtime_ms,
+        m.total_ms / 1e3,
+        m.rounds
+    );
+    Ok(m.downtime_ms)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         bail!("this machine cannot run the demo:\n{missing}\nRun scripts/setup.sh as root.");
     }
     let bins = Binaries::for_this_example()?;
+    let tether_bin = bins.tether.clone();
     let cfg = ScenarioConfig {
         link_rate: (args.link_mbit > 0).then_some(args.link_mbit * 1_000_000),
         state_mb: args.state_mb,
@@ -89,6 +135,17 @@ fn main() -> anyhow::Result<()> {
             (Host::Src, Host::Dst)
         } else {
             (Host::Dst, Host::Src)
+        };
+        let predicted = if args.no_plan {
+            None
+        } else {
+            match plan(&tether_bin, s.pid(), &args) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    println!("  tether plan: {e:#}");
+                    None
+                }
+            }
         };
         let secs = Duration::from_secs(8);
         let proxied = s.start_clients_to(via_proxy, args.tcp, args.quic, secs, None, &[])?;
@@ -150,6 +207,13 @@ fn main() -> anyhow::Result<()> {
             errors,
             state
         );
+        if let Some(pd) = predicted {
+            println!(
+                "  predicted downtime {pd:.0} ms, measured {:.0} ms: error {:+.1}%",
+                t.downtime_ms,
+                (pd - t.downtime_ms) / t.downtime_ms * 100.0
+            );
+        }
         for e in p.errors.iter().chain(&d.errors) {
             println!("    client: {e}");
         }

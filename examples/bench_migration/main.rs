@@ -75,6 +75,11 @@ struct Args {
     /// Where the SVG figures of the model against the measured moves go.
     #[arg(long, default_value = "target/bench-migration-figures")]
     figures: PathBuf,
+    /// Run no migration: re-predict the moves of an earlier run's JSON with this build's model
+    /// (from the inputs each move measured and the profiles that run calibrated), and print and
+    /// plot the model's errors.
+    #[arg(long, value_name = "JSON")]
+    rescore: Option<PathBuf>,
 }
 
 impl Args {
@@ -229,6 +234,9 @@ fn main() -> anyhow::Result<()> {
         args.states = vec![64];
         args.dirty = vec![0, 1000];
     }
+    if let Some(path) = args.rescore.clone() {
+        return rescore(&args, &path);
+    }
     if args.links.contains(&0) {
         bail!("--links: a link rate must be positive (Mbit/s)");
     }
@@ -295,7 +303,7 @@ fn main() -> anyhow::Result<()> {
         .to_path_buf();
     eprintln!(
         "calibrating the model per link ({:?} MiB services, short synthetic migrations)",
-        [16, 128]
+        model_eval::CALIBRATION_STATES
     );
     let profiles = model_eval::calibrate_links(
         &bins,
@@ -816,15 +824,32 @@ fn evaluate(
             });
         }
     }
+    let by_link: BTreeMap<u64, tether_migrator::profile::Profile> = profiles
+        .iter()
+        .map(|(l, p)| (*l, p.calibration.profile.clone()))
+        .collect();
     let moves = model_eval::score_reports(&refs);
-    model_eval::print_scored(
+    evaluate_moves(
+        args,
+        &refs,
+        moves,
+        &by_link,
         "The model: predicted (before each move, by `tether migrate` with the link's calibrated profile) vs measured",
-        &moves,
-        table,
-    );
+    )
+}
+
+/// Scores, prints and plots `moves` (predictions of `refs`' moves), with the held-out check.
+fn evaluate_moves(
+    args: &Args,
+    refs: &[model_eval::MoveRef<'_>],
+    moves: Vec<model_eval::Scored>,
+    by_link: &BTreeMap<u64, tether_migrator::profile::Profile>,
+    title: &str,
+) -> anyhow::Result<Evaluation> {
+    model_eval::print_scored(title, &moves, table);
     let summary = model_eval::Summary::of("calibrated in this run", &moves);
     let train = 64;
-    let held_out = model_eval::held_out(&refs, train)?;
+    let held_out = model_eval::held_out(refs, train)?;
     model_eval::print_scored(
         &format!("Held out: fitted to the {train} MiB cells only, predicting the larger states"),
         &held_out,
@@ -838,28 +863,21 @@ fn evaluate(
     summary.print(0.15, 0.30);
     held_out_summary.print(0.20, f64::INFINITY);
     // The lines use the state each move measured: the nominal state plus the process's own.
-    let overheads: Vec<f64> = moves
+    let overheads: Vec<f64> = refs
         .iter()
-        .zip(refs.iter().filter(|r| r.report.prediction.is_some()))
-        .filter_map(|(m, r)| {
+        .filter_map(|r| {
             let p = r.report.prediction.as_ref()?;
-            Some(p.inputs.state_bytes as f64 - f64::from(m.state_mib) * 1_048_576.0)
+            Some(p.inputs.state_bytes as f64 - f64::from(r.state_mib) * 1_048_576.0)
         })
         .collect();
     let overhead = median(&overheads).max(0.0) as u64;
     let limit = tether_migrator::model::secs(
-        moves
-            .iter()
-            .zip(&refs)
-            .find_map(|(_, r)| r.report.prediction.as_ref())
+        refs.iter()
+            .find_map(|r| r.report.prediction.as_ref())
             .map_or(0.3, |p| p.inputs.downtime_limit_ms / 1000.0),
     );
-    let by_link: BTreeMap<u64, tether_migrator::profile::Profile> = profiles
-        .iter()
-        .map(|(l, p)| (*l, p.calibration.profile.clone()))
-        .collect();
     std::fs::create_dir_all(&args.figures)?;
-    let figures = plots::write_all(&args.figures, &moves, &by_link, limit, overhead)?;
+    let figures = plots::write_all(&args.figures, &moves, by_link, limit, overhead)?;
     println!();
     for f in &figures {
         println!("- figure: {}", f.display());
@@ -871,6 +889,66 @@ fn evaluate(
         held_out_summary,
         figures,
     })
+}
+
+/// `--rescore`: the moves of an earlier run, re-predicted with this build's model.
+fn rescore(args: &Args, path: &Path) -> anyhow::Result<()> {
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", path.display()))?;
+    let mut by_link = BTreeMap::new();
+    for (link, p) in v["profiles"]
+        .as_object()
+        .context("no profiles in the run")?
+    {
+        let profile: tether_migrator::profile::Profile =
+            serde_json::from_value(p["calibration"]["profile"].clone())
+                .with_context(|| format!("the profile of link {link}"))?;
+        by_link.insert(link.parse::<u64>()?, profile);
+    }
+    let mut owned: Vec<(u64, u32, u32, bool, Report)> = Vec::new();
+    for c in v["cells"].as_array().context("no cells in the run")? {
+        let n = |k: &str| c[k].as_u64().unwrap_or(0);
+        let converging = c["pre_copy"]["stop_reason"].as_str() != Some("NotShrinking");
+        for k in ["stop_and_copy", "pre_copy"] {
+            if c[k].is_null() {
+                continue;
+            }
+            let r: Report = serde_json::from_value(c[k]["report"].clone())?;
+            owned.push((
+                n("link_mbit"),
+                n("state_mib") as u32,
+                n("dirty_pages_per_sec") as u32,
+                converging,
+                r,
+            ));
+        }
+    }
+    let refs: Vec<model_eval::MoveRef<'_>> = owned
+        .iter()
+        .map(|(l, s, d, c, r)| model_eval::MoveRef {
+            link_mbit: *l,
+            state_mib: *s,
+            dirty_pages_per_sec: *d,
+            converging: *c,
+            report: r,
+        })
+        .collect();
+    let moves = model_eval::rescore(&refs, &by_link)?;
+    let eval = evaluate_moves(
+        args,
+        &refs,
+        moves,
+        &by_link,
+        &format!(
+            "The model re-predicting {} (its calibrated profiles, each move's measured inputs) vs measured",
+            path.display()
+        ),
+    )?;
+    std::fs::write(&args.json, serde_json::to_string_pretty(&eval)?)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    Ok(())
 }
 
 /// Prints a Markdown table with aligned columns: the columns listed in `left` are left-aligned

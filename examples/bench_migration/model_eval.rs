@@ -1,7 +1,7 @@
 //! The migration model against the benchmark: calibration in the same run, predicted against
 //! measured per move, the errors over the grid, and a held-out check.
 //!
-//! Calibration: per link rate, short synthetic migrations (a 16 and a 128 MiB service, 500
+//! Calibration: per link rate, short synthetic migrations (16, 64 and 192 MiB services, 500
 //! pages/s, one stop-and-copy and one pre-copy move each) are fitted into a profile
 //! (`tether_migrator::calibrate`), written beside the results; every grid move then runs with
 //! `--profile` of its link, so `tether migrate` itself measures the service (state size, dirty
@@ -26,7 +26,7 @@ use tether_migrator::profile::Profile;
 use tether_migrator::report::Report;
 
 /// State sizes (MiB) of the calibration's synthetic services.
-const CALIBRATION_STATES: [u32; 2] = [16, 128];
+pub const CALIBRATION_STATES: [u32; 3] = [16, 64, 192];
 /// Their dirty rate, pages/s.
 const CALIBRATION_DIRTY: u32 = 500;
 
@@ -129,7 +129,7 @@ pub struct Scored {
     pub state_mib: u32,
     pub dirty_pages_per_sec: u32,
     pub method: &'static str,
-    /// The cell's pre-copy converged (stopped with its downtime under the limit).
+    /// The cell's pre-copy converged: it did not stop because rounds stopped shrinking.
     pub converging: bool,
     pub predicted_downtime_ms: f64,
     pub measured_downtime_ms: f64,
@@ -222,11 +222,15 @@ impl Summary {
                 "MISSED"
             }
         };
+        let max = if max_target.is_finite() {
+            format!(", max <= {:.0}%", max_target * 100.0)
+        } else {
+            String::new()
+        };
         println!(
-            "- {} (targets: median <= {:.0}%, max <= {:.0}%):",
+            "- {} (targets: median <= {:.0}%{max}):",
             self.label,
-            median_target * 100.0,
-            max_target * 100.0
+            median_target * 100.0
         );
         for (what, s) in [
             ("downtime, all moves", &self.downtime_all),
@@ -292,6 +296,24 @@ pub fn score_reports(moves: &[MoveRef<'_>]) -> Vec<Scored> {
         .iter()
         .filter_map(|m| m.report.prediction.as_ref().map(|p| scored(m, p)))
         .collect()
+}
+
+/// The moves re-predicted with each link's profile from the inputs their reports measured (for
+/// scoring a newer model against an earlier run's moves: `bench_migration --rescore`).
+pub fn rescore(
+    moves: &[MoveRef<'_>],
+    profiles: &BTreeMap<u64, Profile>,
+) -> anyhow::Result<Vec<Scored>> {
+    let mut out = Vec::new();
+    for m in moves {
+        let Some(profile) = profiles.get(&m.link_mbit) else {
+            continue;
+        };
+        if let Some(plan) = repredict(m.report, profile)? {
+            out.push(scored(m, &plan));
+        }
+    }
+    Ok(out)
 }
 
 /// Re-predicts a move with another profile, from the inputs its report's prediction measured.
