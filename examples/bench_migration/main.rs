@@ -812,8 +812,7 @@ fn evaluate(
 ) -> anyhow::Result<Evaluation> {
     let mut refs = Vec::new();
     for c in cells {
-        let converging = c.pre_copy.as_ref().and_then(|m| m.stop_reason.as_deref())
-            == Some("DowntimeUnderLimit");
+        let converging = model_eval::converges(c.link_mbit, c.dirty_pages_per_sec);
         for m in c.stop_and_copy.iter().chain(&c.pre_copy) {
             refs.push(model_eval::MoveRef {
                 link_mbit: c.link_mbit,
@@ -910,7 +909,7 @@ fn rescore(args: &Args, path: &Path) -> anyhow::Result<()> {
     let mut owned: Vec<(u64, u32, u32, bool, Report)> = Vec::new();
     for c in v["cells"].as_array().context("no cells in the run")? {
         let n = |k: &str| c[k].as_u64().unwrap_or(0);
-        let converging = c["pre_copy"]["stop_reason"].as_str() != Some("NotShrinking");
+        let converging = model_eval::converges(n("link_mbit"), n("dirty_pages_per_sec") as u32);
         for k in ["stop_and_copy", "pre_copy"] {
             if c[k].is_null() {
                 continue;

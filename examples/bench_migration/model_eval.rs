@@ -2,7 +2,7 @@
 //! measured per move, the errors over the grid, and a held-out check.
 //!
 //! Calibration: per link rate, short synthetic migrations (16, 64 and 192 MiB services, 500
-//! pages/s, one stop-and-copy and one pre-copy move each) are fitted into a profile
+//! pages/s, two stop-and-copy and two pre-copy moves each) are fitted into a profile
 //! (`tether_migrator::calibrate`), written beside the results; every grid move then runs with
 //! `--profile` of its link, so `tether migrate` itself measures the service (state size, dirty
 //! rate), predicts, and scores its prediction in the report.
@@ -29,6 +29,11 @@ use tether_migrator::report::Report;
 pub const CALIBRATION_STATES: [u32; 3] = [16, 64, 192];
 /// Their dirty rate, pages/s.
 const CALIBRATION_DIRTY: u32 = 500;
+
+/// Whether pre-copy converges in the model: the dirty rate, in bytes/s, below the link's.
+pub fn converges(link_mbit: u64, dirty_pages_per_sec: u32) -> bool {
+    f64::from(dirty_pages_per_sec) * 4096.0 < link_mbit as f64 * 1e6 / 8.0
+}
 
 /// A link's calibration.
 #[derive(Debug, Clone, Serialize)]
@@ -71,7 +76,9 @@ pub fn calibrate_links(
                 },
             )
             .context("starting a calibration scenario")?;
-            for extra in [&["--stop-and-copy"][..], &[][..]] {
+            // Each method twice: a calibration has few samples, and single moves are noisy.
+            let methods = [&["--stop-and-copy"][..], &[][..]];
+            for extra in methods.iter().chain(&methods).copied() {
                 std::thread::sleep(Duration::from_millis(500));
                 let to = if s.location() == tether::testbed::Host::Src {
                     tether::testbed::Host::Dst
@@ -129,7 +136,8 @@ pub struct Scored {
     pub state_mib: u32,
     pub dirty_pages_per_sec: u32,
     pub method: &'static str,
-    /// The cell's pre-copy converged: it did not stop because rounds stopped shrinking.
+    /// The cell is on the converging side of the model's boundary: it dirties bytes more slowly
+    /// than the link carries them (`R sigma < B`).
     pub converging: bool,
     pub predicted_downtime_ms: f64,
     pub measured_downtime_ms: f64,

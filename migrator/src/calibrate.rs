@@ -10,7 +10,8 @@
 //! 3. `C` and `D`: the downtime of a migration that sent little while frozen (under a tenth of
 //!    its state), less the terms already known (the frozen transfer `rho V_final / B`, and for
 //!    pre-copy the read-back `M/S`), is `C + M/D`: a least-squares line over the state sizes
-//!    (with a single size, `D` keeps the base profile's value and `C` takes the rest);
+//!    (Theil-Sen, robust to one slow move; with a single size, `D` keeps the base profile's
+//!    value and `C` takes the rest);
 //! 4. `F`: what remains of the downtimes of migrations that sent a quarter of their state or
 //!    more while frozen (stop-and-copy), per byte sent (median);
 //! 5. `T_setup`: the median of the migration time less its rounds and downtime.
@@ -130,19 +131,22 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// Least-squares line `y = a + b x`; `None` with fewer than two distinct `x`.
+/// A line `y = a + b x` robust to an outlier (Theil-Sen: the median of the pairwise slopes, the
+/// median intercept); `None` with fewer than two distinct `x`. A calibration has a few noisy
+/// downtimes per state size, and one slow restore must not tilt the line.
 fn line(points: &[(f64, f64)]) -> Option<(f64, f64)> {
-    let n = points.len() as f64;
-    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
-    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    // Relative to the spread of x: sizes differing by less than a page are one size.
-    if points.len() < 2 || sxx <= (PAGE_SIZE as f64).powi(2) * n {
-        return None;
+    let mut slopes = Vec::new();
+    for (i, p) in points.iter().enumerate() {
+        for q in &points[i + 1..] {
+            // Sizes within 5% of each other are one size: their slope is noise.
+            if (q.0 - p.0).abs() > 0.05 * p.0.abs().max(q.0.abs()) {
+                slopes.push((q.1 - p.1) / (q.0 - p.0));
+            }
+        }
     }
-    let b = sxy / sxx;
-    Some((my - b * mx, b))
+    let b = median(slopes)?;
+    let a = median(points.iter().map(|p| p.1 - b * p.0).collect())?;
+    Some((a, b))
 }
 
 /// Fits a profile to `samples` over a link of `bandwidth` bytes/s, starting from `base` for the
@@ -447,6 +451,17 @@ mod tests {
             assert!(c.kept_from_base.iter().any(|k| k == t), "{t}: {c:?}");
         }
         assert!(c.profile.validate().is_ok());
+    }
+
+    #[test]
+    fn one_outlier_does_not_tilt_the_line() {
+        let mut pts: Vec<(f64, f64)> = (1..=6)
+            .map(|i| (f64::from(i), 10.0 + 2.0 * f64::from(i)))
+            .collect();
+        pts[5].1 += 100.0;
+        let (a, b) = line(&pts).expect("line");
+        assert!((b - 2.0).abs() < 1e-9 && (a - 10.0).abs() < 1e-9, "{a} {b}");
+        assert_eq!(line(&[(1.0, 1.0), (1.0, 5.0)]), None);
     }
 
     #[test]
