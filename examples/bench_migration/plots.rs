@@ -240,7 +240,11 @@ fn figure(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(match axis {
+            // Against the dirty rate measured points sit at both ends: the legend goes between.
+            Axis::Dirty { .. } => SeriesLabelPosition::UpperMiddle,
+            Axis::State { .. } => SeriesLabelPosition::LowerRight,
+        })
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;

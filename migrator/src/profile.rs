@@ -6,13 +6,15 @@
 //! two network namespaces as hosts), stated as such in its `source`.
 //!
 //! ```toml
-//! source = "calibrated from 12 migrations, 2026-12-03"
-//! scan_mib_s = 1450.0          # S: reading and hashing live memory
-//! round_overhead_ms = 6.0      # eps: fixed cost per pre-copy round
-//! processing_factor = 1.08     # rho: protocol and CPU cost on top of the link
-//! frozen_fixed_ms = 95.0       # C: frozen phase of a minimal process
-//! frozen_mib_s = 900.0         # D: memory-proportional part of the frozen phase
-//! setup_ms = 60.0              # T_setup: the rest of a migration
+//! source = "bench-migration calibration: 12 moves at 1000 Mbit/s ([16, 64, 192] MiB, 500 pages/s)"
+//! scan_mib_s = 3239.7          # S: reading and hashing live memory
+//! round_overhead_ms = 0.00     # eps: fixed cost of a pre-copy round
+//! processing_factor = 1.1112   # rho: protocol and CPU cost on top of the link
+//! frozen_fixed_ms = 116.55     # C: frozen phase of a minimal process
+//! frozen_mib_s = 1111.4        # D: memory-proportional part of the frozen phase
+//! setup_ms = 58.52             # T_setup: the rest of a migration
+//! frozen_transfer_mib_s = 570.1  # F: the frozen path's processing of bytes sent while frozen
+//! link_mbit = 1000.0           # the pair's link when calibrated
 //! ```
 
 use std::path::Path;
@@ -84,20 +86,21 @@ pub struct Profile {
 }
 
 impl Default for Profile {
-    /// Terms measured on the development machines (2-core VM, release build, network
-    /// namespaces joined by a veth pair with a tbf rate limit, lazy restore), by fitting the
-    /// migration benchmark's grid (`scripts/bench-migration.sh`).
+    /// Terms measured on the development machines: the migration benchmark's calibration at 1
+    /// Gbit/s on 2026-12-03 (2-core VM, release build, network namespaces joined by a veth pair
+    /// with a tbf rate limit, lazy restore; 12 synthetic migrations of 16, 64 and 192 MiB).
     fn default() -> Profile {
         Profile {
-            source: "built-in: measured on the 2-core development VMs (scripts/bench-migration.sh)"
+            source: "built-in: measured on a 2-core development VM, 2026-12-03 \
+                     (scripts/bench-migration.sh calibration at 1 Gbit/s)"
                 .to_string(),
-            scan_mib_s: 1400.0,
-            round_overhead_ms: 8.0,
-            processing_factor: 1.07,
-            frozen_fixed_ms: 110.0,
-            frozen_mib_s: 700.0,
-            frozen_transfer_mib_s: None,
-            setup_ms: 120.0,
+            scan_mib_s: 3240.0,
+            round_overhead_ms: 0.0,
+            processing_factor: 1.11,
+            frozen_fixed_ms: 117.0,
+            frozen_mib_s: 1111.0,
+            frozen_transfer_mib_s: Some(570.0),
+            setup_ms: 59.0,
             link_mbit: None,
         }
     }
