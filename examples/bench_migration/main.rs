@@ -313,6 +313,13 @@ fn main() -> anyhow::Result<()> {
         &stop,
     )?;
 
+    let run = Run {
+        args: &args,
+        started_unix,
+        started,
+        baseline: &baseline,
+        profiles: &profiles,
+    };
     let mut cells: Vec<Cell> = Vec::new();
     let mut complete = true;
     for (i, &(link, state, dirty)) in grid.iter().enumerate() {
@@ -354,25 +361,11 @@ fn main() -> anyhow::Result<()> {
             );
         }
         cells.push(cell);
-        let run = Run {
-            args: &args,
-            started_unix,
-            started,
-            baseline: &baseline,
-            profiles: &profiles,
-        };
         write_json(&run, false, &cells, None)?;
     }
     if cells.len() < grid.len() {
         complete = false;
     }
-    let run = Run {
-        args: &args,
-        started_unix,
-        started,
-        baseline: &baseline,
-        profiles: &profiles,
-    };
     write_json(&run, complete, &cells, None)?;
     print_tables(&args, &baseline, &cells);
     let eval = evaluate(&args, &cells, &profiles)?;

@@ -31,9 +31,9 @@
 //! per-round scan `M/S` is what the original model folds into `eps`). With `S = D = F =
 //! infinity`, `C = T_setup = 0` and the linear pattern it is exactly the original model.
 //!
-//! The host-dependent terms (`S`, `eps`, `rho`, `C`, `D`, `T_setup`) come from a calibration
-//! profile ([`crate::profile`]); which round is the last one is decided by the real policy, in
-//! [`crate::plan`].
+//! The host-dependent terms (`S`, `eps`, `rho`, `C`, `D`, `F`, `T_setup`) are [`HostCosts`]; a
+//! calibration profile stores them, and predictions run these formulas through the real policy
+//! (the profile and plan modules, which build on this one).
 
 use std::time::Duration;
 

@@ -231,9 +231,13 @@ pub struct Plan {
     pub stop_and_copy: MethodPlan,
     /// Pre-copy with the given settings.
     pub pre_copy: MethodPlan,
-    /// Pre-copy with auto-converge, when the given settings do not meet the limit and
-    /// auto-converge was not asked for: what it would take.
+    /// Pre-copy with auto-converge, when the given settings do not meet the limit, auto-converge
+    /// was not asked for and the limit is above the frozen phase's own cost: what it would take.
     pub with_auto_converge: Option<MethodPlan>,
+    /// The frozen phase's cost with nothing left to send, ms: no pre-copy setting meets a
+    /// downtime limit below it.
+    #[serde(default)]
+    pub frozen_cost_ms: f64,
     /// Whether the migration as asked for (pre-copy unless `stop_and_copy`) meets the limit.
     pub limit_holds: bool,
 }
@@ -250,15 +254,17 @@ impl Plan {
         let limit = config.downtime_limit;
         let sc = stop_and_copy(params)?;
         let pre = predict(params, config)?;
-        let with_auto_converge = if !config.auto_converge && pre.downtime > limit {
-            let c = policy::Config {
-                auto_converge: true,
-                ..config.clone()
+        let frozen_cost = params.stop_cost();
+        let with_auto_converge =
+            if !config.auto_converge && pre.downtime > limit && frozen_cost < limit {
+                let c = policy::Config {
+                    auto_converge: true,
+                    ..config.clone()
+                };
+                Some(MethodPlan::new(&predict(params, &c)?, limit))
+            } else {
+                None
             };
-            Some(MethodPlan::new(&predict(params, &c)?, limit))
-        } else {
-            None
-        };
         let chosen = if stop_and_copy_asked { &sc } else { &pre };
         Ok(Plan {
             inputs: PlanInputs {
@@ -270,6 +276,7 @@ impl Plan {
                 profile: profile.to_string(),
             },
             limit_holds: chosen.downtime <= limit,
+            frozen_cost_ms: ms(frozen_cost),
             stop_and_copy: MethodPlan::new(&sc, limit),
             pre_copy: MethodPlan::new(&pre, limit),
             with_auto_converge,
@@ -544,6 +551,11 @@ mod tests {
         assert_eq!(ac.max_throttle, auto.max_throttle());
         let plan = Plan::new(&p, &cfg(true), false, "test").expect("valid");
         assert!(plan.limit_holds && plan.with_auto_converge.is_none());
+        // A limit below the frozen phase's own cost: throttling cannot help, none is offered.
+        let slow = with_costs(p, |c| c.frozen_fixed = Duration::from_secs(1));
+        let plan = Plan::new(&slow, &cfg(false), false, "test").expect("valid");
+        assert!(!plan.limit_holds && plan.with_auto_converge.is_none());
+        assert!((plan.frozen_cost_ms - 1000.0).abs() < 1e-6);
     }
 
     #[test]

@@ -85,25 +85,8 @@ pub struct MigrateArgs {
     /// CRIU log level (0-4).
     #[arg(long, default_value_t = 2)]
     criu_log_level: i32,
-    /// Send all memory while frozen (no pre-copy rounds).
-    #[arg(long)]
-    stop_and_copy: bool,
-    /// Pre-copy until the predicted downtime is at most this (e.g. 300ms, 1s).
-    #[arg(long, value_parser = parse_duration, default_value = "300ms")]
-    downtime_limit: Duration,
-    /// Most pre-copy rounds (round 0, the full copy, included).
-    #[arg(long, default_value_t = 10)]
-    max_rounds: u32,
-    /// Throttle the service's CPU (cgroup quota, stepped up each round) when it dirties memory
-    /// faster than the link carries it; released before the final dump.
-    #[arg(long)]
-    auto_converge: bool,
-    /// Auto-converge: the first CPU cut, percent of the service's CPU use.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99))]
-    throttle_initial: u8,
-    /// Auto-converge: added to the cut at each further round, percent.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
-    throttle_increment: u8,
+    #[command(flatten)]
+    precopy: super::precopy_args::PrecopyArgs,
     /// Control socket of the tether-proxy in front of the service: it is paused right before the
     /// freeze (no byte in flight toward the service) and resumed once the destination confirms
     /// that the service runs there (or, on a rollback, once the thawed service runs here), so
@@ -187,12 +170,7 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--pid, --to, --certs and --service-addr are required");
     };
     let profile = super::plan::load_profile(a.profile.as_deref())?;
-    let precopy = (!a.stop_and_copy).then_some(PrecopyOptions {
-        downtime_limit: a.downtime_limit,
-        max_rounds: a.max_rounds,
-        auto_converge: a.auto_converge,
-        throttle_steps: (a.throttle_initial, a.throttle_increment),
-    });
+    let precopy = a.precopy.options();
     let prediction = predict(&a, pid, &profile, precopy.as_ref());
     let opts = MigrateOptions {
         pid,

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod dirty_rate;
 pub mod migrate;
 pub mod plan;
+pub mod precopy_args;
 pub mod proxy;
 pub mod proxyctl;
 pub mod units;

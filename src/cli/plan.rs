@@ -45,24 +45,9 @@ pub struct PlanArgs {
     /// Time between the two scans that measure the dirty rate.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     window: Duration,
-    /// Pre-copy until the predicted downtime is at most this (as `tether migrate`).
-    #[arg(long, value_parser = parse_duration, default_value = "300ms")]
-    downtime_limit: Duration,
-    /// Most pre-copy rounds (as `tether migrate`).
-    #[arg(long, default_value_t = 10)]
-    max_rounds: u32,
-    /// Plan with auto-converge (as `tether migrate`).
-    #[arg(long)]
-    auto_converge: bool,
-    /// Auto-converge: the first CPU cut, percent.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99))]
-    throttle_initial: u8,
-    /// Auto-converge: added to the cut at each further round, percent.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
-    throttle_increment: u8,
-    /// The migration would be stop-and-copy: the exit status is about that method.
-    #[arg(long)]
-    stop_and_copy: bool,
+    /// The migration's settings, as `tether migrate` takes them.
+    #[command(flatten)]
+    precopy: super::precopy_args::PrecopyArgs,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -131,12 +116,7 @@ pub fn load_profile(path: Option<&Path>) -> anyhow::Result<Profile> {
 /// Runs `tether plan`.
 pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     let profile = load_profile(a.profile.as_deref())?;
-    let precopy = PrecopyOptions {
-        downtime_limit: a.downtime_limit,
-        max_rounds: a.max_rounds,
-        auto_converge: a.auto_converge,
-        throttle_steps: (a.throttle_initial, a.throttle_increment),
-    };
+    let precopy = a.precopy.precopy();
     let plan = live_plan(&LiveInputs {
         pid: a.pid,
         window: a.window,
@@ -144,7 +124,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
         profile: &profile,
         precopy: Some(&precopy),
     })?;
-    let plan = if a.stop_and_copy {
+    let plan = if a.precopy.stop_and_copy {
         Plan {
             limit_holds: plan.stop_and_copy.within_limit,
             ..plan
@@ -209,6 +189,13 @@ pub fn render(pid: i32, p: &Plan) -> String {
     out += &line(name, &p.pre_copy);
     if let Some(ac) = &p.with_auto_converge {
         out += &line("pre-copy + auto-converge", ac);
+    }
+    if p.frozen_cost_ms > i.downtime_limit_ms {
+        out += &format!(
+            "\nThe frozen phase alone is predicted to take {:.0} ms (dump and restore of this state \
+             with nothing left to send): no pre-copy setting meets a lower limit.\n",
+            p.frozen_cost_ms
+        );
     }
     out += if p.limit_holds {
         "\nThe downtime limit is predicted to hold.\n"
