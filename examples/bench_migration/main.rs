@@ -23,7 +23,7 @@
 //! SVG figures ([`plots`]).
 //!
 //! Run as root: `scripts/bench-migration.sh [--quick]` (runs scripts/setup.sh, builds, runs
-//! this). The full grid takes 15-25 minutes on a 2-core machine, `--quick` 2-3 minutes.
+//! this). The full grid takes 15-25 minutes on a 2-core machine, `--quick` about 5 (2-3 of them calibrating).
 
 mod model_eval;
 mod plots;
