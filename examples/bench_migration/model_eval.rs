@@ -46,6 +46,8 @@ pub struct LinkProfile {
     pub calibration: Calibration,
     /// Wall time of the calibration, s.
     pub wall_s: f64,
+    /// The calibration moves' figures, for studying the fit afterwards.
+    pub samples: Vec<Sample>,
 }
 
 /// Calibrates a profile per link with short synthetic migrations.
@@ -108,6 +110,16 @@ pub fn calibrate_links(
             &Profile::default(),
             &source,
         )?;
+        for s in &samples {
+            eprintln!(
+                "  calibration move: {:.0} MiB, {}: downtime {:.1} ms, total {:.1} ms, {:.2} MiB sent while frozen",
+                s.state_bytes as f64 / 1_048_576.0,
+                if s.rounds.is_empty() { "stop-and-copy" } else { "pre-copy" },
+                s.downtime_ms,
+                s.total_ms,
+                s.final_bytes as f64 / 1_048_576.0
+            );
+        }
         let path = dir.join(format!("bench-migration-profile-{link}.toml"));
         c.profile.save(&path)?;
         eprintln!(
@@ -123,6 +135,7 @@ pub fn calibrate_links(
                 path,
                 calibration: c,
                 wall_s: t0.elapsed().as_secs_f64(),
+                samples,
             },
         );
     }
