@@ -44,6 +44,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    match cli::raise_nofile_limit() {
+        Ok((soft, hard)) => tracing::debug!(soft, hard, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit to its hard limit: {e}"),
+    }
     let result = match args.command {
         Command::Certs(a) => cli::certs::run(a),
         Command::Agent(a) => cli::runtime().and_then(|rt| rt.block_on(cli::agent::run(a))),

@@ -25,6 +25,9 @@ use crate::hold::HoldLimits;
 /// Longest quiescence wait a pause may have, configured or asked for in a command.
 pub const MAX_PAUSE_TIMEOUT_MS: u64 = 3_600_000;
 
+/// Descriptors [`Config::descriptors_needed`] counts besides the services' own.
+pub const DESCRIPTOR_MARGIN: u64 = 64;
+
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -107,6 +110,21 @@ pub struct Limits {
     pub hold_total_bytes: usize,
     /// Held datagrams older than this are discarded.
     pub hold_max_age_ms: u64,
+}
+
+impl ServiceConfig {
+    /// File descriptors this service may hold at its limits: its listeners, two per TCP flow
+    /// (client and backend) and one backend socket per UDP flow of each UDP listener.
+    pub fn descriptors_needed(&self) -> u64 {
+        let listeners = (self.tcp_listen.len() + self.udp_listen.len()) as u64;
+        let tcp = if self.tcp_listen.is_empty() {
+            0
+        } else {
+            2 * self.limits.max_tcp_flows as u64
+        };
+        let udp = self.udp_listen.len() as u64 * self.limits.udp_max_flows as u64;
+        listeners + tcp + udp
+    }
 }
 
 impl Default for Limits {
@@ -226,6 +244,18 @@ impl Config {
         Config::from_toml(&text)
     }
 
+    /// File descriptors the proxy may hold at its configured limits: every service's
+    /// ([`ServiceConfig::descriptors_needed`]) and a margin for the control socket, metrics,
+    /// the runtime and the standard streams.
+    pub fn descriptors_needed(&self) -> u64 {
+        DESCRIPTOR_MARGIN
+            + self
+                .services
+                .iter()
+                .map(ServiceConfig::descriptors_needed)
+                .sum::<u64>()
+    }
+
     /// Checks names, addresses and limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.services.is_empty() {
@@ -278,6 +308,28 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_needed_counts_listeners_and_flows_at_their_limits() {
+        let mut s = ServiceConfig::new("a", "10.0.0.1:80".parse().expect("addr"));
+        s.tcp_listen = vec!["127.0.0.1:1".parse().expect("addr")];
+        s.udp_listen = vec![
+            "127.0.0.1:2".parse().expect("addr"),
+            "127.0.0.1:3".parse().expect("addr"),
+        ];
+        s.limits.max_tcp_flows = 100;
+        s.limits.udp_max_flows = 10;
+        assert_eq!(s.descriptors_needed(), 3 + 200 + 20);
+        let mut udp_only = s.clone();
+        udp_only.tcp_listen.clear();
+        assert_eq!(udp_only.descriptors_needed(), 2 + 20);
+        let c = Config {
+            control: None,
+            metrics: None,
+            services: vec![s, udp_only],
+        };
+        assert_eq!(c.descriptors_needed(), DESCRIPTOR_MARGIN + 223 + 22);
+    }
 
     #[test]
     fn parses_a_full_config_with_partial_limits() {

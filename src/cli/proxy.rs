@@ -78,9 +78,29 @@ fn config_from(a: &ProxyArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Warns when the configured flow limits need more descriptors than the process may open: flows
+/// past that point fail to open (accept or socket errors) instead of being refused by the limit.
+fn warn_if_descriptors_short(config: &Config) {
+    let needed = config.descriptors_needed();
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < needed => tracing::warn!(
+            needed,
+            soft,
+            hard,
+            "the configured flow limits (max_tcp_flows: two descriptors per TCP flow; \
+             udp_max_flows: one per UDP flow and listener) need {needed} open files, more than \
+             this process may open ({soft}): raise the hard limit (ulimit -Hn, LimitNOFILE= in a \
+             systemd unit) or lower the limits"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
+    }
+}
+
 /// Runs `tether proxy` until SIGINT or SIGTERM.
 pub async fn run(a: ProxyArgs) -> anyhow::Result<ExitCode> {
     let config = config_from(&a)?;
+    warn_if_descriptors_short(&config);
     let proxy = Proxy::start(&config).await?;
     if let Some(p) = proxy.control_path() {
         tracing::info!("control socket {}", p.display());
