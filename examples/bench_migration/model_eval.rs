@@ -172,20 +172,14 @@ pub struct ErrorStats {
 
 impl ErrorStats {
     pub fn of(errors: impl Iterator<Item = f64>) -> ErrorStats {
-        let mut v: Vec<f64> = errors.map(f64::abs).filter(|e| e.is_finite()).collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n == 0 {
+        let v: Vec<f64> = errors.map(f64::abs).filter(|e| e.is_finite()).collect();
+        if v.is_empty() {
             return ErrorStats::default();
         }
         ErrorStats {
-            moves: n,
-            median_abs: if n % 2 == 1 {
-                v[n / 2]
-            } else {
-                (v[n / 2 - 1] + v[n / 2]) / 2.0
-            },
-            max_abs: v[n - 1],
+            moves: v.len(),
+            median_abs: crate::median(&v),
+            max_abs: v.iter().copied().fold(0.0, f64::max),
         }
     }
 
@@ -282,7 +276,7 @@ pub struct MoveRef<'a> {
 }
 
 fn rel(p: f64, m: f64) -> f64 {
-    calibrate::relative_error(p, m).unwrap_or(f64::NAN)
+    tether_migrator::report::relative_error(p, m).unwrap_or(f64::NAN)
 }
 
 fn scored(m: &MoveRef<'_>, plan: &Plan) -> Scored {
@@ -349,9 +343,8 @@ fn repredict(report: &Report, profile: &Profile) -> anyhow::Result<Option<Plan>>
     };
     let pc = PrecopyOptions {
         downtime_limit: Duration::from_secs_f64(i.downtime_limit_ms / 1000.0),
-        max_rounds: 10,
         auto_converge: i.auto_converge,
-        throttle_steps: (20, 10),
+        ..PrecopyOptions::default()
     };
     Ok(Some(Plan::new(
         &params,

@@ -97,9 +97,7 @@ fn predict(
     };
     let pc = PrecopyOptions {
         downtime_limit: limit,
-        max_rounds: 10,
-        auto_converge: false,
-        throttle_steps: (20, 10),
+        ..PrecopyOptions::default()
     };
     Plan::new(&params, &pc.policy(profile.costs()), false, "").ok()
 }

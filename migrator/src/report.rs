@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::Plan;
+use crate::plan::{MethodPlan, Plan};
 use crate::protocol::stats::{CriuDumpStats, CriuRestoreStats, FinalReport, RoundReport};
 use crate::protocol::{ErrorCode, Phase, Side};
 
@@ -164,28 +164,41 @@ pub struct PredictionError {
 }
 
 impl Report {
+    /// The prediction of the method that ran: pre-copy when there were rounds, else
+    /// stop-and-copy.
+    pub fn predicted_method(&self) -> Option<&MethodPlan> {
+        let plan = self.prediction.as_ref()?;
+        Some(if self.precopy.rounds.is_empty() {
+            &plan.stop_and_copy
+        } else {
+            &plan.pre_copy
+        })
+    }
+}
+
+/// `(predicted - measured) / measured`; `None` when nothing was measured.
+pub fn relative_error(predicted: f64, measured: f64) -> Option<f64> {
+    (measured > 0.0 && predicted.is_finite()).then(|| (predicted - measured) / measured)
+}
+
+impl Report {
     /// Fills in [`Report::prediction_error`] from the prediction and the measured timings of a
     /// committed migration (the method predicted is the one that ran: pre-copy when there were
     /// rounds).
     pub fn score_prediction(&mut self) {
-        let Some(plan) = &self.prediction else {
-            return;
-        };
         if self.outcome != Outcome::Committed {
             return;
         }
-        let method = if self.precopy.rounds.is_empty() {
-            &plan.stop_and_copy
-        } else {
-            &plan.pre_copy
+        let Some(method) = self.predicted_method() else {
+            return;
         };
-        let rel = |p: f64, m: f64| (m > 0.0).then(|| (p - m) / m);
-        self.prediction_error = Some(PredictionError {
-            downtime: rel(method.downtime_ms, self.timings.downtime_ms),
-            total: rel(method.total_ms, self.timings.total_ms),
+        let error = PredictionError {
+            downtime: relative_error(method.downtime_ms, self.timings.downtime_ms),
+            total: relative_error(method.total_ms, self.timings.total_ms),
             rounds: (!self.precopy.rounds.is_empty())
                 .then(|| i64::from(method.rounds) - self.precopy.rounds.len() as i64),
-        });
+        };
+        self.prediction_error = Some(error);
     }
 }
 
@@ -263,6 +276,13 @@ mod tests {
     use crate::model::Params;
     use crate::plan::Plan;
     use crate::policy::Config;
+
+    #[test]
+    fn relative_errors() {
+        assert_eq!(relative_error(110.0, 100.0), Some(0.1));
+        assert_eq!(relative_error(90.0, 100.0), Some(-0.1));
+        assert_eq!(relative_error(1.0, 0.0), None);
+    }
 
     #[test]
     fn a_committed_migration_scores_the_method_that_ran() {

@@ -340,7 +340,7 @@ fn read_bundle(out: &Path) -> Result<Vec<(CertificateDer<'static>, String)>, Tls
         return Ok(Vec::new());
     }
     let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-    let ders = certs_in(&path)?;
+    let ders = certs_from(&path, text.as_bytes())?;
     let blocks = pem_blocks(&text);
     if blocks.len() != ders.len() {
         return Err(TlsError::Pem {
@@ -422,16 +422,15 @@ pub fn issue(out: &Path, names: &[String], opts: &CertOptions) -> Result<Issued,
         // The key first: a crash between the two writes leaves a pair that `current_ca` refuses
         // rather than a CA that silently signs nothing the bundle trusts.
         write_private(&key_path, &key.serialize_pem())?;
-        write_public(&bundle_path, &trusted.concat())?;
         (ca, key, trusted)
     } else {
         let (ca, key) = current_ca(out, &bundle[0].0)?;
         let keep = if opts.drop_old_ca { 1 } else { bundle.len() };
         let trusted: Vec<String> = bundle.iter().take(keep).map(|(_, p)| p.clone()).collect();
-        write_public(&bundle_path, &trusted.concat())?;
         (ca, key, trusted)
     };
     let bundle_text = trusted.concat();
+    write_public(&bundle_path, &bundle_text)?;
     let not_after = now + time::Duration::days(i64::from(opts.days));
     let mut issued = Vec::new();
     for name in names {
@@ -496,9 +495,14 @@ impl CertKey {
 }
 
 fn certs_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    use rustls_pki_types::pem::PemObject;
     let data = fs::read(path).map_err(io_err(path))?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+    certs_from(path, &data)
+}
+
+/// The certificates in `data`, the text of the PEM file `path`.
+fn certs_from(path: &Path, data: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(data)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Pem {
             path: path.to_path_buf(),

@@ -131,13 +131,11 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Half of this host's memory (`MemTotal` in /proc/meminfo), in bytes.
+/// Half of this host's memory (the kernel's total RAM, as `MemTotal` in /proc/meminfo), in
+/// bytes.
 fn half_of_memory() -> anyhow::Result<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo")?;
-    let kib: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no MemTotal in /proc/meminfo: give --max-memory-mib"))?;
-    Ok(kib * 1024 / 2)
+    let info = nix::sys::sysinfo::sysinfo().map_err(|e| {
+        anyhow::anyhow!("cannot read this host's memory ({e}): give --max-memory-mib")
+    })?;
+    Ok(info.ram_total() / 2)
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tether_migrator::driver::source::{self, MigrateOptions, MigrationError, PrecopyOptions};
+use tether_migrator::driver::source::{self, MigrateOptions, MigrationError};
 use tether_migrator::gate::ProxyOptions;
 use tether_migrator::protocol::ServiceAddr;
 use tether_migrator::report::{Outcome, Report};
@@ -171,7 +171,8 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     };
     let profile = super::plan::load_profile(a.profile.as_deref())?;
     let precopy = a.precopy.options();
-    let prediction = predict(&a, pid, &profile, precopy.as_ref());
+    // Two scans and a sleep: off the runtime's worker (the runtime is multi-threaded).
+    let prediction = tokio::task::block_in_place(|| predict(&a, pid, &profile));
     let opts = MigrateOptions {
         pid,
         to,
@@ -216,12 +217,7 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 fin,
                 report.images.total_bytes
             );
-            if let (Some(p), Some(e)) = (&report.prediction, &report.prediction_error) {
-                let m = if rounds == 0 {
-                    &p.stop_and_copy
-                } else {
-                    &p.pre_copy
-                };
+            if let (Some(m), Some(e)) = (report.predicted_method(), &report.prediction_error) {
                 eprintln!(
                     "tether: predicted downtime {:.1} ms ({:+.0}%), total {:.1} ms ({:+.0}%), {} round(s)",
                     m.downtime_ms,
@@ -249,7 +245,6 @@ fn predict(
     a: &MigrateArgs,
     pid: i32,
     profile: &tether_migrator::profile::Profile,
-    precopy: Option<&PrecopyOptions>,
 ) -> Option<tether_migrator::plan::Plan> {
     if a.predict_window.is_zero() {
         return None;
@@ -259,7 +254,7 @@ fn predict(
         window: a.predict_window,
         bandwidth_bits: a.bandwidth,
         profile,
-        precopy,
+        precopy: &a.precopy,
     };
     match super::plan::live_plan(&inputs) {
         Ok(p) => Some(p),

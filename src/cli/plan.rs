@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use tether_migrator::driver::source::PrecopyOptions;
 use tether_migrator::model::{Params, PAGE_SIZE};
 use tether_migrator::plan::{MethodPlan, Plan};
 use tether_migrator::profile::{self, Profile};
 
+use super::precopy_args::PrecopyArgs;
 use super::units::{parse_duration, parse_rate};
 
 /// Predict how long moving a running process tree takes and how long it is down, before moving
@@ -47,7 +47,7 @@ pub struct PlanArgs {
     window: Duration,
     /// The migration's settings, as `tether migrate` takes them.
     #[command(flatten)]
-    precopy: super::precopy_args::PrecopyArgs,
+    precopy: PrecopyArgs,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -63,8 +63,8 @@ pub struct LiveInputs<'a> {
     pub bandwidth_bits: Option<u64>,
     /// The profile.
     pub profile: &'a Profile,
-    /// Pre-copy settings (`None`: stop-and-copy).
-    pub precopy: Option<&'a PrecopyOptions>,
+    /// The migration's settings (pre-copy's, and whether it would be stop-and-copy).
+    pub precopy: &'a PrecopyArgs,
 }
 
 /// The bandwidth to plan with, bytes/s: the given rate, else the profile's calibrated link.
@@ -88,17 +88,10 @@ pub fn live_plan(i: &LiveInputs<'_>) -> anyhow::Result<Plan> {
         costs: i.profile.costs(),
         ..Params::new(rate.pages_scanned * PAGE_SIZE, rate.pages_per_sec, bw)
     };
-    let default_precopy = PrecopyOptions {
-        downtime_limit: Duration::from_millis(300),
-        max_rounds: 10,
-        auto_converge: false,
-        throttle_steps: (20, 10),
-    };
-    let pc = i.precopy.unwrap_or(&default_precopy);
     Ok(Plan::new(
         &params,
-        &pc.policy(i.profile.costs()),
-        i.precopy.is_none(),
+        &i.precopy.precopy().policy(i.profile.costs()),
+        i.precopy.stop_and_copy,
         &i.profile.source,
     )?)
 }
@@ -116,22 +109,13 @@ pub fn load_profile(path: Option<&Path>) -> anyhow::Result<Profile> {
 /// Runs `tether plan`.
 pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     let profile = load_profile(a.profile.as_deref())?;
-    let precopy = a.precopy.precopy();
     let plan = live_plan(&LiveInputs {
         pid: a.pid,
         window: a.window,
         bandwidth_bits: a.bandwidth,
         profile: &profile,
-        precopy: Some(&precopy),
+        precopy: &a.precopy,
     })?;
-    let plan = if a.precopy.stop_and_copy {
-        Plan {
-            limit_holds: plan.stop_and_copy.within_limit,
-            ..plan
-        }
-    } else {
-        plan
-    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {

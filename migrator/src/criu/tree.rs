@@ -31,16 +31,6 @@ pub struct CriuTree {
 }
 
 impl CriuTree {
-    /// The tree rooted at `root` on this host (the source side).
-    pub fn source(criu: Criu, root: i32) -> CriuTree {
-        CriuTree {
-            criu,
-            root,
-            root_start: process_start_time(root),
-            lazy: false,
-        }
-    }
-
     /// The source side, for a tree whose root's start time was journaled.
     pub fn recorded(criu: Criu, root: i32, root_start: u64) -> CriuTree {
         CriuTree {

@@ -167,6 +167,15 @@ pub struct AgentPorts<C, N, J> {
     pub metrics: Arc<AgentMetrics>,
 }
 
+/// A migration's task, as the rest of the agent reaches it.
+#[derive(Clone)]
+struct TaskHandle {
+    /// Its input.
+    input: mpsc::UnboundedSender<TaskInput>,
+    /// The source (certificate name) that started it: only it may resolve it.
+    source: String,
+}
+
 /// Shared agent state.
 struct Shared<C: Checkpointer, N, J> {
     cfg: AgentConfig,
@@ -176,11 +185,9 @@ struct Shared<C: Checkpointer, N, J> {
     journal: Arc<J>,
     metrics: Arc<AgentMetrics>,
     /// Migrations with a task, by id.
-    tasks: Mutex<HashMap<MigrationId, mpsc::UnboundedSender<TaskInput>>>,
+    tasks: Mutex<HashMap<MigrationId, TaskHandle>>,
     /// Service addresses with a migration in flight here.
     busy: Mutex<HashSet<Ipv4Addr>>,
-    /// The source (certificate name) of each migration with a task: only it may resolve it.
-    owners: Mutex<HashMap<MigrationId, String>>,
     /// The memory all migrations here hold.
     budget: Arc<MemoryBudget>,
     /// Restored services this agent is the parent of, reaped when they exit.
@@ -296,7 +303,6 @@ where
         metrics: ports.metrics,
         tasks: Mutex::new(HashMap::new()),
         busy: Mutex::new(HashSet::new()),
-        owners: Mutex::new(HashMap::new()),
         budget: MemoryBudget::new(cfg.max_memory_bytes),
         children: Arc::new(Mutex::new(Vec::new())),
         lazy_fills: Mutex::new(Vec::new()),
@@ -347,7 +353,10 @@ where
     }
     endpoint.close(0u32.into(), b"agent shutting down");
     // Migrations not in doubt undo themselves; those in doubt stay journaled for the next start.
-    let tasks: Vec<_> = lock(&shared.tasks).values().cloned().collect();
+    let tasks: Vec<_> = lock(&shared.tasks)
+        .values()
+        .map(|t| t.input.clone())
+        .collect();
     for t in &tasks {
         let _ = t.send(TaskInput::Shutdown);
     }
@@ -560,15 +569,14 @@ where
     C: Checkpointer,
     J: Journal<AgentRecord, AgentOutcome>,
 {
-    if let Some(owner) = lock(&shared.owners)
-        .get(id)
-        .filter(|o| !o.is_empty() && *o != peer)
-    {
-        warn!(%owner, "a source that did not start this migration tried to resolve it");
-        return Resolution::Pending;
-    }
     let task = lock(&shared.tasks).get(id).cloned();
     if let Some(task) = task {
+        let owner = &task.source;
+        if !owner.is_empty() && owner != peer {
+            warn!(%owner, "a source that did not start this migration tried to resolve it");
+            return Resolution::Pending;
+        }
+        let task = task.input;
         let (reply, answer) = oneshot::channel();
         if task.send(TaskInput::Resolve(decision, reply)).is_ok() {
             match tokio::time::timeout(RESOLVE_WAIT, answer).await {
@@ -605,8 +613,13 @@ fn spawn_task<C, N, J>(
     J: Journal<AgentRecord, AgentOutcome>,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    lock(&shared.tasks).insert(id.clone(), tx.clone());
-    lock(&shared.owners).insert(id.clone(), record.source.clone());
+    lock(&shared.tasks).insert(
+        id.clone(),
+        TaskHandle {
+            input: tx.clone(),
+            source: record.source.clone(),
+        },
+    );
     shared.metrics.migrations_in_progress.add(1);
     let shared = shared.clone();
     tokio::spawn(
@@ -615,7 +628,6 @@ fn spawn_task<C, N, J>(
             let outcome =
                 Task::run(shared.clone(), id.clone(), machine, record, conn, tx, rx).await;
             lock(&shared.tasks).remove(&id);
-            lock(&shared.owners).remove(&id);
             lock(&shared.busy).remove(&addr);
             shared.metrics.migrations_in_progress.add(-1);
             if let Some(o) = outcome {

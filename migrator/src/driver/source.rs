@@ -89,6 +89,18 @@ pub struct PrecopyOptions {
     pub throttle_steps: (u8, u8),
 }
 
+impl Default for PrecopyOptions {
+    /// `tether migrate`'s defaults.
+    fn default() -> PrecopyOptions {
+        PrecopyOptions {
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 10,
+            auto_converge: false,
+            throttle_steps: (20, 10),
+        }
+    }
+}
+
 impl PrecopyOptions {
     /// The pre-copy policy these settings make with the model's host terms `costs`: what the
     /// migration runs, and what a prediction of it must run.
@@ -153,8 +165,12 @@ fn name_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Er
 /// gives for `opts.to`.
 fn agent_name(opts: &MigrateOptions) -> Result<String, String> {
     use crate::tls::{agent_name_for, valid_host_name, AGENTS_FILE};
-    let name = match &opts.agent_name {
-        Some(n) => n.clone(),
+    // agents.toml's names are checked as the file is read; a name given here, now.
+    match &opts.agent_name {
+        Some(name) if !valid_host_name(name) => Err(format!(
+            "invalid agent name `{name}`: a certificate name has letters, digits, '-' and '.'"
+        )),
+        Some(name) => Ok(name.clone()),
         None => agent_name_for(&opts.certs, opts.to)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| {
@@ -165,14 +181,8 @@ fn agent_name(opts: &MigrateOptions) -> Result<String, String> {
                     opts.to,
                     opts.certs.join(AGENTS_FILE).display()
                 )
-            })?,
-    };
-    if !valid_host_name(&name) {
-        return Err(format!(
-            "invalid agent name `{name}`: a certificate name has letters, digits, '-' and '.'"
-        ));
+            }),
     }
-    Ok(name)
 }
 
 /// A migration that did not commit: where, why, and what state the service is in.
@@ -804,10 +814,8 @@ async fn closed() {
 
 /// The auto-converge throttle of one migration, shared with the task that applies it.
 enum ThrottleSlot {
-    /// Never applied.
+    /// Not applied (or being measured and applied by a task).
     Unset,
-    /// Being measured and applied by a task.
-    Applying,
     /// On the service's cgroup.
     Applied(crate::throttle::Throttle),
     /// Released: a throttle applied after this (a measuring task that lost the race) is undone
@@ -815,14 +823,13 @@ enum ThrottleSlot {
     Released,
 }
 
-/// Measures the tree's CPU use (200 ms), then throttles it to `percent` of that, unless the
-/// throttle was released meanwhile.
+/// Measures the tree's CPU use (200 ms), then throttles it to `percent` of that. The caller
+/// stores the throttle, or undoes it if the slot was released meanwhile.
 async fn apply_throttle(
     root: i32,
     id: &MigrationId,
     percent: u8,
-    slot: &Mutex<ThrottleSlot>,
-) -> Result<(), PortError> {
+) -> Result<crate::throttle::Throttle, PortError> {
     let procs = crate::procmem::tree(root)
         .map_err(|e| PortError::caused(ErrorCode::Internal, "the tree", e))?;
     let p2 = procs.clone();
@@ -832,16 +839,8 @@ async fn apply_throttle(
     .await
     .map_err(|e| PortError::new(ErrorCode::Internal, e.to_string()))?;
     info!(cpus = usage, "service CPU use before throttling");
-    let t = crate::throttle::Throttle::apply(&procs, id.as_str(), percent, usage)
-        .map_err(|e| PortError::caused(ErrorCode::Internal, "throttle", e))?;
-    let mut slot = lock(slot);
-    if matches!(*slot, ThrottleSlot::Released) {
-        drop(slot);
-        t.release();
-        return Ok(());
-    }
-    *slot = ThrottleSlot::Applied(t);
-    Ok(())
+    crate::throttle::Throttle::apply(&procs, id.as_str(), percent, usage)
+        .map_err(|e| PortError::caused(ErrorCode::Internal, "throttle", e))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -958,8 +957,7 @@ fn perform<C, N, J>(
                     ));
                     machine.handle(now(), SourceEvent::Completed(Step::Throttle, r));
                 }
-                ThrottleSlot::Unset | ThrottleSlot::Applying => {
-                    *slot = ThrottleSlot::Applying;
+                ThrottleSlot::Unset => {
                     drop(slot);
                     // Measuring the tree's CPU use takes a moment: off the loop.
                     let root = ctx.ckpt.root_pid();
@@ -967,14 +965,22 @@ fn perform<C, N, J>(
                     let throttle = throttle.clone();
                     let tx = tx.clone();
                     tokio::spawn(async move {
-                        let r = apply_throttle(root, &id, percent, &throttle).await;
-                        // Released meanwhile: the machine has left pre-copy and counts no
-                        // throttle step any more (while finishing, a late completion would be
+                        let r = apply_throttle(root, &id, percent).await;
+                        let mut slot = lock(&throttle);
+                        // Released meanwhile: undone at once, so the service is never left
+                        // throttled, and not reported: the machine has left pre-copy and counts
+                        // no throttle step any more (while finishing, a late completion would be
                         // taken for one of the steps it waits for).
-                        if matches!(*lock(&throttle), ThrottleSlot::Released) {
+                        if matches!(*slot, ThrottleSlot::Released) {
+                            drop(slot);
+                            if let Ok(t) = r {
+                                t.release();
+                            }
                             info!("the throttle ended before it was applied: not reported");
                             return;
                         }
+                        let r = r.map(|t| *slot = ThrottleSlot::Applied(t));
+                        drop(slot);
                         let _ = tx.send(event(SourceEvent::Completed(Step::Throttle, r)));
                     });
                 }
