@@ -9,15 +9,12 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use tether_fuzz::criu::images::first_entry;
+use tether_fuzz::criu::images::{first_entry, INVENTORY_MAGIC, STATS_MAGIC};
 use tether_fuzz::criu::pages::{self, Owner, PageMap, PAGE_SIZE};
 use tether_fuzz::criu::rpc::{InventoryEntry, StatsEntry};
 use tether_fuzz::protocol::frame::check_file_name;
 
 const P: u64 = PAGE_SIZE as u64;
-/// CRIU's `INVENTORY_MAGIC` and `STATS_MAGIC`.
-const INVENTORY_MAGIC: u32 = 0x5831_3116;
-const STATS_MAGIC: u32 = 0x5709_3306;
 
 fn page_map(name: &str, buf: &[u8]) {
     let Ok(m) = PageMap::parse(name, buf) else {

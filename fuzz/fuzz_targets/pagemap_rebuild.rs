@@ -19,14 +19,11 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use prost::Message;
 use tether_fuzz::criu::pages::{
-    MemoryImages, Owner, PagemapEntry, PagemapHead, PagesError, PAGEMAP_MAGIC, PAGE_SIZE,
+    pagemap_image, MemoryImages, Owner, PagemapEntry, PagesError, PAGE_SIZE,
 };
 
 const P: u64 = PAGE_SIZE as u64;
-/// `IMG_COMMON_MAGIC` of CRIU's images.
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 /// Most data pages a fuzzed dump may declare: the bound passed to `data_len_within`.
 const MAX_PAGES: u64 = 2048;
 
@@ -102,32 +99,28 @@ fn file_name(o: Owner) -> String {
 }
 
 fn image(m: &MapSpec) -> Vec<u8> {
-    let mut v = Vec::new();
-    if m.common_magic {
-        v.extend_from_slice(&IMG_COMMON_MAGIC.to_ne_bytes());
-    }
-    v.extend_from_slice(&PAGEMAP_MAGIC.to_ne_bytes());
-    let mut put = |body: Vec<u8>| {
-        v.extend_from_slice(&(body.len() as u32).to_ne_bytes());
-        v.extend_from_slice(&body);
-    };
-    put(PagemapHead {
-        pages_id: u32::from(m.pages_id),
-    }
-    .encode_to_vec());
-    for e in m.entries.iter().take(16) {
-        let n = match e.count {
-            Count::Small(n) => u64::from(n),
-            Count::Raw(n) => n,
-        };
-        put(PagemapEntry {
-            vaddr: u64::from(e.page) * P + u64::from(e.misalign),
-            compat_nr_pages: if e.compat { n as u32 } else { 0 },
-            in_parent: e.in_parent,
-            flags: e.flags.map(|f| u32::from(f & 0xf)),
-            nr_pages: (!e.compat).then_some(n),
-        }
-        .encode_to_vec());
+    let entries: Vec<PagemapEntry> = m
+        .entries
+        .iter()
+        .take(16)
+        .map(|e| {
+            let n = match e.count {
+                Count::Small(n) => u64::from(n),
+                Count::Raw(n) => n,
+            };
+            PagemapEntry {
+                vaddr: u64::from(e.page) * P + u64::from(e.misalign),
+                compat_nr_pages: if e.compat { n as u32 } else { 0 },
+                in_parent: e.in_parent,
+                flags: e.flags.map(|f| u32::from(f & 0xf)),
+                nr_pages: (!e.compat).then_some(n),
+            }
+        })
+        .collect();
+    let mut v = pagemap_image(u32::from(m.pages_id), &entries);
+    if !m.common_magic {
+        // Without CRIU's common magic in front (as some images are).
+        v.drain(..4);
     }
     if let Some((at, b)) = m.corrupt {
         let at = usize::from(at) % v.len();

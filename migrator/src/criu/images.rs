@@ -12,8 +12,10 @@ use super::rpc::{InventoryEntry, StatsEntry};
 
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
-const INVENTORY_MAGIC: u32 = 0x5831_3116;
-const STATS_MAGIC: u32 = 0x5709_3306;
+/// CRIU's magic of `inventory.img`.
+pub const INVENTORY_MAGIC: u32 = 0x5831_3116;
+/// CRIU's magic of the stats images.
+pub const STATS_MAGIC: u32 = 0x5709_3306;
 /// No image entry tether reads comes close to this; a larger length means a corrupt file.
 const MAX_ENTRY: usize = 1 << 20;
 
