@@ -1,5 +1,5 @@
-//! Reading the few CRIU image files tether needs to look into: the inventory (for the dump's run
-//! id, which names CRIU's nftables lock table) and the stats files (CRIU's own timings).
+//! Reading the few CRIU image files tether needs to look into: the inventory and the stats files
+//! (CRIU's own timings).
 //!
 //! Image layout (CRIU `criu/image.c`): an optional common or service magic, the image's own magic,
 //! then entries of `u32 length | protobuf message`, all in the host's byte order.
@@ -83,36 +83,6 @@ pub fn inventory(dir: &Path) -> Result<InventoryEntry, ImageError> {
     read_entry(&dir.join("inventory.img"), INVENTORY_MAGIC)
 }
 
-/// The name of the nftables table CRIU locks the dump's connections with, and which `criu restore`
-/// of that dump deletes just before the restored connections go live: `CRIU-<dump run id>` in
-/// family `inet`.
-pub fn lock_table_name(dir: &Path) -> Result<String, ImageError> {
-    let inv = inventory(dir)?;
-    match inv.dump_criu_run_id {
-        Some(id)
-            if !id.is_empty()
-                && id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
-        {
-            Ok(criu_table_name(&id))
-        }
-        other => Err(ImageError::Malformed {
-            path: dir.join("inventory.img").display().to_string(),
-            what: format!("no usable dump run id ({other:?}); CRIU older than 4.0?"),
-        }),
-    }
-}
-
-/// CRIU formats `inet CRIU-<run id>` into a 32-byte buffer (`nftables_get_table`), so the
-/// table's real name is cut to 26 characters.
-fn criu_table_name(run_id: &str) -> String {
-    const CRIU_TABLE_BUF: usize = 32;
-    let full = format!("CRIU-{run_id}");
-    let max = CRIU_TABLE_BUF - 1 - "inet ".len();
-    full.chars().take(max).collect()
-}
-
 /// CRIU's statistics file (`stats-dump` or `stats-restore`), if present.
 pub fn stats(path: &Path) -> Result<Option<StatsEntry>, ImageError> {
     if !path.exists() {
@@ -147,17 +117,6 @@ mod tests {
         let buf = image(&[INVENTORY_MAGIC], &inv);
         let got: InventoryEntry = first_entry(&buf, INVENTORY_MAGIC).expect("parses");
         assert_eq!(got, inv);
-    }
-
-    #[test]
-    fn lock_table_name_is_cut_like_criu_cuts_it() {
-        // Seen on a real dump: run id 8e84ac45-69ea-43cc-816a-56f4d142043d, table
-        // `inet CRIU-8e84ac45-69ea-43cc-81`.
-        assert_eq!(
-            criu_table_name("8e84ac45-69ea-43cc-816a-56f4d142043d"),
-            "CRIU-8e84ac45-69ea-43cc-81"
-        );
-        assert_eq!(criu_table_name("abc"), "CRIU-abc");
     }
 
     #[test]

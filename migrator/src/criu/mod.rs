@@ -127,7 +127,7 @@ impl Criu {
     }
 
     /// Starts dumping the tree rooted at `pid` into `images` with its TCP connections
-    /// (`--tcp-established`, nftables network lock). The caller walks the dump through its
+    /// (`--tcp-established`, no network lock: the caller locks at [`DumpPoint::Frozen`]). The caller walks the dump through its
     /// [`DumpPoint`]s with [`DumpSession::next`] and ends it at [`DumpPoint::Dumped`] with
     /// [`DumpSession::commit`] (CRIU ends the tree) or, anywhere, [`DumpSession::rollback`]
     /// (CRIU unlocks and thaws it). A failure at any point leaves the tree running (CRIU rolls
@@ -141,7 +141,12 @@ impl Criu {
         let mut opts = swrk::opts_for(images);
         opts.pid = Some(pid);
         opts.tcp_established = Some(true);
-        opts.network_lock = Some(NetworkLockMethod::Nftables as i32);
+        // No lock of CRIU's: the caller locks the whole service address at the freeze point.
+        // CRIU's nftables lock is one libnftables call per connection, in a process that by then
+        // holds a descriptor per socket of the tree, and libnftables waits on its netlink socket
+        // with select(): past descriptor 1023 glibc aborts CRIU ("bit out of range 0 -
+        // FD_SETSIZE on fd_set"), which failed every dump of more than ~500 connections.
+        opts.network_lock = Some(NetworkLockMethod::Skip as i32);
         opts.notify_scripts = Some(true);
         opts.log_file = Some(DUMP_LOG.into());
         opts.log_level = Some(self.log_level);
@@ -179,7 +184,9 @@ impl Criu {
         let mut opts = swrk::opts_for(images);
         opts.lazy_pages = lazy.then_some(true);
         opts.tcp_established = Some(true);
-        opts.network_lock = Some(NetworkLockMethod::Nftables as i32);
+        // The restored connections are kept unreachable by the caller (the destination's block,
+        // the source's lock), which lifts that once they may go live.
+        opts.network_lock = Some(NetworkLockMethod::Skip as i32);
         opts.rst_sibling = Some(true);
         opts.leave_stopped = stopped.then_some(true);
         opts.notify_scripts = Some(true);
@@ -230,8 +237,8 @@ impl Criu {
 pub enum DumpPoint {
     /// CRIU is set up (its kernel probing done); the tree still runs (`pre-dump`).
     PreFreeze,
-    /// The tree is frozen and its connections locked (`query-ext-files`, or `network-lock` when a
-    /// network namespace is dumped).
+    /// The tree is frozen; nothing is dumped yet (`query-ext-files`, or `network-lock` when a
+    /// network namespace is dumped): the caller locks its connections here.
     Frozen,
     /// The images are complete (`post-dump`); the tree is held frozen and locked.
     Dumped,

@@ -3,7 +3,7 @@
 //! CRIU's RPC is a `SOCK_SEQPACKET` socket carrying one protobuf message per packet: tether
 //! sends a `criu_req`; CRIU answers with `criu_resp`s, of which `NOTIFY` ones (one per "action
 //! script" point: pre-dump, network-lock, post-dump, ...) wait for tether's answer before CRIU
-//! goes on. That wait is what lets the source hold a dumped, frozen and network-locked tree at
+//! goes on. That wait is what lets the source hold a dumped, frozen and locked tree at
 //! post-dump until the destination has restored it, and roll back by answering "failed" (CRIU
 //! then unlocks the network and thaws the tree). If tether dies while CRIU waits, CRIU reads EOF,
 //! takes it as a failed script and rolls back the same way: a crashed migrator leaves the service

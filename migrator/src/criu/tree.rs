@@ -76,9 +76,7 @@ impl Dump for TreeDump {
         match self.session.next().await.map_err(criu_err("criu dump"))? {
             CriuPoint::PreFreeze => Ok(DumpPoint::PreFreeze),
             CriuPoint::Frozen => Ok(DumpPoint::Frozen),
-            CriuPoint::Dumped => Ok(DumpPoint::Held {
-                lock_table: images::lock_table_name(&self.images).ok(),
-            }),
+            CriuPoint::Dumped => Ok(DumpPoint::Held),
         }
     }
 
@@ -101,7 +99,7 @@ impl Dump for TreeDump {
             warn!("CRIU did not confirm the end of the tree: {e}");
         }
         // CRIU kills the tree after post-dump; make sure (a CRIU that failed after our answer
-        // leaves it alive behind its lock table).
+        // leaves it alive behind the source's lock).
         if tree.root_alive() {
             kill_tree(tree.root, tree.root_start);
             if !wait_gone(tree.root, tree.root_start, Duration::from_secs(2)).await {

@@ -129,7 +129,7 @@ const LAZY_FILL_WAIT: Duration = Duration::from_secs(30);
 pub struct SourceRecord {
     /// How far it got.
     pub phase: SourcePhase,
-    /// CRIU's lock table of the dump, once known.
+    /// The kept lock's table (`tether-lock-<id>`), from the freeze on.
     pub lock_table: Option<String>,
     /// The service's root pid and its start time.
     pub pid: i32,
@@ -1058,12 +1058,26 @@ fn perform<C, N, J>(
                 let _ = tx.send(event(SourceEvent::Completed(Step::RemoveAddress, r)));
             });
         }
-        SourceAction::DeleteLockTable { table } => {
+        SourceAction::Lock { .. } | SourceAction::KeepLock { .. } => {
+            let (table, owned, step) = match action {
+                SourceAction::Lock { table } => (table, true, Step::Lock),
+                SourceAction::KeepLock { table } => (table, false, Step::KeepLock),
+                _ => unreachable!("matched above"),
+            };
+            let addr = lock(&ctx.record).service_addr.addr();
             let net = ctx.net.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let r = net.delete_table(&table).await;
-                let _ = tx.send(event(SourceEvent::Completed(Step::DeleteLockTable, r)));
+                let r = net.lock(&table, addr, owned).await;
+                let _ = tx.send(event(SourceEvent::Completed(step, r)));
+            });
+        }
+        SourceAction::Unlock { tables } => {
+            let net = ctx.net.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let r = net.unlock(&tables).await;
+                let _ = tx.send(event(SourceEvent::Completed(Step::Unlock, r)));
             });
         }
         SourceAction::RemoveImages => {
@@ -1290,9 +1304,7 @@ fn spawn_criu<C: Checkpointer>(
                     };
                     match interrupted {
                         Ok(Ok(DumpPoint::Frozen)) => send(DumpEvent::Frozen),
-                        Ok(Ok(DumpPoint::Held { lock_table })) => {
-                            send(DumpEvent::Held { lock_table })
-                        }
+                        Ok(Ok(DumpPoint::Held)) => send(DumpEvent::Held),
                         Ok(Ok(DumpPoint::PreFreeze)) => send(DumpEvent::PreFreeze),
                         Ok(Err(e)) => {
                             dump = None;

@@ -21,7 +21,7 @@
 //! as a post-condition, never from its English messages). The announcement is one raw frame.
 //!
 //! - `addr.rs`: addresses and links.
-//! - `nft.rs`: the block, table removal and listing.
+//! - `nft.rs`: the destination's block, the source's lock, table removal and listing.
 //! - `arp.rs`: [`Link`] and the gratuitous ARP.
 //! - `mover.rs`: [`HostAddressMover`], the [`crate::ports::AddressMover`] over [`HostNet`].
 
@@ -115,6 +115,16 @@ pub enum NetError {
         /// What libnftables reported.
         source: NftError,
     },
+    /// Installing a lock failed; nothing of it was installed (one transaction).
+    #[error("cannot lock {addr} in table inet {table}: {source}")]
+    Lock {
+        /// The table name.
+        table: String,
+        /// The address.
+        addr: Ipv4Addr,
+        /// What libnftables reported.
+        source: NftError,
+    },
     /// Deleting tables failed.
     #[error("cannot delete tables inet/arp {table}: {source}")]
     DeleteTable {
@@ -173,6 +183,10 @@ pub struct HostNet {
 struct Inner {
     route: rtnetlink::Handle,
     nft: Mutex<crate::sys::Nftables>,
+    /// The context of locks and deletions only: its netlink socket owns the `owner` locks, so
+    /// it must never be reopened (libnftables may reopen a socket whose dump was interrupted;
+    /// this one never dumps).
+    lock_nft: Mutex<crate::sys::Nftables>,
 }
 
 impl fmt::Debug for HostNet {
@@ -191,12 +205,14 @@ impl HostNet {
     pub fn new() -> Result<HostNet, NetError> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| NetError::NoRuntime)?;
         let nft = crate::sys::Nftables::new().map_err(NetError::Nftables)?;
+        let lock_nft = crate::sys::Nftables::new().map_err(NetError::Nftables)?;
         let (conn, route, _) = rtnetlink::new_connection().map_err(NetError::RouteSocket)?;
         rt.spawn(conn);
         Ok(HostNet {
             inner: Arc::new(Inner {
                 route,
                 nft: Mutex::new(nft),
+                lock_nft: Mutex::new(lock_nft),
             }),
         })
     }
@@ -212,6 +228,16 @@ impl HostNet {
         let mut nft = self
             .inner
             .nft
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        nft.run(commands).map_err(NftError::Rejected)
+    }
+
+    /// Runs one transaction on the lock context (see [`Inner::lock_nft`]).
+    fn nft_lock_run(&self, commands: &str) -> Result<String, NftError> {
+        let mut nft = self
+            .inner
+            .lock_nft
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         nft.run(commands).map_err(NftError::Rejected)

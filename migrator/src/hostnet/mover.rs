@@ -125,6 +125,21 @@ impl AddressMover for HostAddressMover {
             .map_err(net_err("deleting a table"))
     }
 
+    async fn lock(&self, table: &str, addr: Ipv4Addr, owned: bool) -> Result<(), PortError> {
+        self.net
+            .lock(table, addr, owned)
+            .await
+            .map_err(net_err("locking the service address"))
+    }
+
+    async fn unlock(&self, tables: &[(String, bool)]) -> Result<(), PortError> {
+        let tables: Vec<(&str, bool)> = tables.iter().map(|(t, o)| (t.as_str(), *o)).collect();
+        self.net
+            .unlock(&tables)
+            .await
+            .map_err(net_err("lifting the lock of the service address"))
+    }
+
     async fn announce(&self, addr: Ipv4Addr, dev: &str) -> Result<(), PortError> {
         let link = self
             .link(dev)

@@ -329,6 +329,87 @@ fn link_reports_index_and_mac() {
     });
 }
 
+/// The source's lock: one `inet` table dropping the address both ways on every interface
+/// (loopback too); an owned lock dies with the `HostNet` that made it, a kept one stays until
+/// deleted, and deleting either works from the lock's maker.
+#[test]
+fn lock_drops_the_address_and_an_owned_lock_dies_with_its_maker() {
+    in_netns(|| async {
+        let net = hostnet();
+        set_up(&net, "lo").await;
+        net.add_address(svc(), "lo").await.expect("add");
+        // Unlocked: a local connect to the address is refused at once (nothing listens).
+        assert_eq!(
+            tcp_connect(SVC_IP, Duration::from_secs(1)),
+            Err(ErrorKind::ConnectionRefused)
+        );
+
+        let owner = hostnet();
+        owner
+            .lock("tether-frozen-t", SVC_IP, true)
+            .await
+            .expect("owned lock");
+        assert_eq!(
+            net.tables().await.expect("tables"),
+            [(Family::Inet, "tether-frozen-t".to_string())]
+        );
+        let rules = run("nft", &["list", "table", "inet", "tether-frozen-t"]);
+        assert!(rules.contains("flags owner"), "{rules}");
+        assert!(rules.contains("ip daddr 10.77.0.100 drop"), "{rules}");
+        assert!(rules.contains("ip saddr 10.77.0.100 drop"), "{rules}");
+        // Locked, loopback included: the SYN is dropped, so the connect times out.
+        assert_eq!(
+            tcp_connect(SVC_IP, Duration::from_millis(400)),
+            Err(ErrorKind::TimedOut)
+        );
+        // Locking again replaces the table.
+        owner
+            .lock("tether-frozen-t", SVC_IP, true)
+            .await
+            .expect("lock again");
+        assert_eq!(net.tables().await.expect("tables").len(), 1);
+        // Its maker gone, the kernel deletes it.
+        drop(owner);
+        assert!(net.tables().await.expect("tables").is_empty());
+        assert_eq!(
+            tcp_connect(SVC_IP, Duration::from_secs(1)),
+            Err(ErrorKind::ConnectionRefused)
+        );
+
+        // A kept lock outlives its maker and is deleted like any table.
+        let maker = hostnet();
+        maker
+            .lock("tether-lock-t", SVC_IP, false)
+            .await
+            .expect("kept lock");
+        maker
+            .lock("tether-frozen-t", SVC_IP, true)
+            .await
+            .expect("owned lock");
+        maker
+            .unlock(&[("tether-frozen-t", true)])
+            .await
+            .expect("unlock owned");
+        maker
+            .unlock(&[("tether-frozen-t", true)])
+            .await
+            .expect("unlock owned again");
+        drop(maker);
+        assert_eq!(
+            net.tables().await.expect("tables"),
+            [(Family::Inet, "tether-lock-t".to_string())]
+        );
+        net.unlock(&[("tether-frozen-x", true), ("tether-lock-t", false)])
+            .await
+            .expect("unlock kept");
+        assert!(net.tables().await.expect("tables").is_empty());
+        assert!(matches!(
+            net.lock("x; flush ruleset", SVC_IP, false).await,
+            Err(NetError::BadTableName(_))
+        ));
+    });
+}
+
 #[test]
 fn block_installs_exactly_the_rules_and_delete_removes_them() {
     in_netns(|| async {

@@ -1,4 +1,4 @@
-//! The destination's block and the removal of lock tables, through libnftables (JSON commands,
+//! The destination's block, the source's lock and the removal of both, through libnftables (JSON commands,
 //! one transaction per call).
 //!
 //! A block is two tables of one name: `inet <name>` drops the service address's IPv4 traffic on
@@ -219,6 +219,44 @@ pub(super) fn block_commands(name: &str, addr: Ipv4Addr, dev: &str) -> String {
     batch(c)
 }
 
+fn lock_flags(owned: bool) -> &'static str {
+    if owned {
+        " { flags owner; }"
+    } else {
+        ""
+    }
+}
+
+/// The transaction of [`HostNet::lock`], in nft's own syntax (the JSON of nftables 1.0.6 drops a
+/// table's flags): replaces whatever lock of that name exists (added first with the same flags:
+/// the kernel cannot change a table's `owner` flag), then `inet <name>` with chains `input` and
+/// `output` (priority -300) dropping every IPv4 packet to or from `addr`, on every interface.
+/// `owned`: the table carries nftables' `owner` flag, so the kernel deletes it when the netlink
+/// socket that made it closes.
+pub(super) fn lock_commands(name: &str, addr: Ipv4Addr, owned: bool) -> String {
+    let flags = lock_flags(owned);
+    format!(
+        "add table inet {name}{flags}\n\
+         delete table inet {name}\n\
+         add table inet {name}{flags}\n\
+         add chain inet {name} input {{ type filter hook input priority {INET_PRIORITY}; policy accept; }}\n\
+         add chain inet {name} output {{ type filter hook output priority {INET_PRIORITY}; policy accept; }}\n\
+         add rule inet {name} input ip daddr {addr} drop\n\
+         add rule inet {name} output ip saddr {addr} drop\n"
+    )
+}
+
+/// The transaction of [`HostNet::unlock`]: each lock added (with its own flags) and deleted.
+pub(super) fn unlock_commands(locks: &[(&str, bool)]) -> String {
+    locks
+        .iter()
+        .map(|(name, owned)| {
+            let flags = lock_flags(*owned);
+            format!("add table inet {name}{flags}\ndelete table inet {name}\n")
+        })
+        .collect()
+}
+
 /// The transaction of [`HostNet::delete_table`].
 pub(super) fn delete_commands(name: &str) -> String {
     batch(clear(name))
@@ -273,8 +311,40 @@ impl HostNet {
             })
     }
 
+    /// Locks `addr` in one nftables transaction: table `inet <table>` drops every IPv4 packet
+    /// to or from it, on every interface, loopback included (what CRIU's own lock does per
+    /// connection, for all of them at once and for connections that would open meanwhile).
+    /// With `owned`, the kernel deletes the table when this `HostNet`'s last clone is dropped or
+    /// the process ends, whichever comes first: a lock that must not outlive tether. Tables of
+    /// that name that exist already are replaced in the same transaction.
+    pub async fn lock(&self, table: &str, addr: Ipv4Addr, owned: bool) -> Result<(), NetError> {
+        check_table(table)?;
+        self.nft_lock_run(&lock_commands(table, addr, owned))
+            .map(drop)
+            .map_err(|source| NetError::Lock {
+                table: table.to_string(),
+                addr,
+                source,
+            })
+    }
+
+    /// Removes the locks `locks` (name, and whether it was made `owned`) in one transaction;
+    /// absent ones are fine. An owned lock must be removed through the `HostNet` that made it:
+    /// only its owner may touch it.
+    pub async fn unlock(&self, locks: &[(&str, bool)]) -> Result<(), NetError> {
+        for (name, _) in locks {
+            check_table(name)?;
+        }
+        self.nft_lock_run(&unlock_commands(locks))
+            .map(drop)
+            .map_err(|source| NetError::DeleteTable {
+                table: locks.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+                source,
+            })
+    }
+
     /// Removes tables `inet <name>` and `arp <name>` in one transaction; either or both absent is
-    /// fine.
+    /// fine (not an owned lock of another process, which the kernel keeps from anyone else).
     pub async fn delete_table(&self, name: &str) -> Result<(), NetError> {
         check_table(name)?;
         self.nft_run(&delete_commands(name))

@@ -16,7 +16,7 @@
 //!
 //! 1. **Never two live copies.** The destination's copy becomes reachable and runs only after
 //!    `Commit`, and the source sends `Commit` only after CRIU has ended the source's frozen copy
-//!    (whose connections stay locked by CRIU's nftables table until then). A source copy that
+//!    (whose connections stay locked by the source's nftables lock until then). A source copy that
 //!    comes back (CRIU thaws it when `tether migrate` dies before the commit point) therefore
 //!    never meets a destination copy that ran.
 //! 2. **Never zero copies without a way back.** Until the destination confirms that its copy

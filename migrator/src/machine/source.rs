@@ -19,16 +19,16 @@
 //!    CRIU at pre-dump (set up, tree running): Pause the proxy (no byte in flight to the service)
 //!    ProceedDump: the downtime starts, the frozen deadline runs
 //!    CRIU: tree frozen ── Frozen ───────────────────▶ block inbound/outbound/ARP, add address
-//!    ProceedDump ∥ Redirect the proxy
+//!    Lock (owned: dies with this process) ∥ Redirect the proxy; once locked, ProceedDump
 //!    CRIU at post-dump: images complete, tree held frozen and locked
 //!  SendImages ── File*, FinalPages, pages, ImagesDone ─▶ rebuild, restore stopped (blocked)
 //!                          ◀──────────────── Restored ──
-//!  ═══ commit point ═══  Journal(Committing), CommitDump: answer CRIU's post-dump; CRIU
-//!  ends the frozen copy meanwhile (its connections stay locked by CRIU's table)
+//!  ═══ commit point ═══  Journal(Committing) ∥ KeepLock (outlives this process), then
+//!  CommitDump: answer CRIU's post-dump; CRIU ends the frozen copy meanwhile
 //!    ── Commit ─────────────────────────────────────▶ journal, lift block, announce, SIGCONT
 //!                          ◀─────────────── Committed ──
 //!  Resume the proxy: held bytes go to the running service at once
-//!  once CRIU confirms the copy's end: RemoveAddress, DeleteLockTable, RemoveImages, ForgetJournal
+//!  once CRIU confirms the copy's end: RemoveAddress, then Unlock; RemoveImages, ForgetJournal
 //! ```
 //!
 //! # States
@@ -195,17 +195,14 @@ pub struct DumpEnd {
 pub enum DumpEvent {
     /// CRIU is set up and waits before freezing the tree (`pre-dump`).
     PreFreeze,
-    /// The tree is frozen and its connections locked; CRIU waits.
+    /// The tree is frozen; CRIU waits before it dumps anything (its sockets above all).
     Frozen,
-    /// The images are complete; the tree is held frozen and locked (`post-dump`).
-    Held {
-        /// CRIU's lock table name (`CRIU-<run id>`), which stays after the commit.
-        lock_table: Option<String>,
-    },
+    /// The images are complete; the tree is held frozen (`post-dump`).
+    Held,
     /// CRIU failed before the hold and rolled back by itself: the tree runs.
     Failed(PortError),
     /// After [`SourceAction::CommitDump`]: CRIU has the answer and ends the copy; it can no
-    /// longer come back (its connections stay locked by CRIU's table whatever CRIU does next).
+    /// longer come back (its connections stay locked whatever CRIU does next).
     CommitAnswered,
     /// After [`SourceAction::CommitDump`], later: the source copy is gone. An error means it
     /// may not be (it is then still locked).
@@ -242,8 +239,12 @@ pub enum Step {
     Announce,
     /// [`SourceAction::RemoveAddress`].
     RemoveAddress,
-    /// [`SourceAction::DeleteLockTable`].
-    DeleteLockTable,
+    /// [`SourceAction::Lock`].
+    Lock,
+    /// [`SourceAction::KeepLock`].
+    KeepLock,
+    /// [`SourceAction::Unlock`].
+    Unlock,
     /// [`SourceAction::RemoveImages`].
     RemoveImages,
 }
@@ -339,10 +340,26 @@ pub enum SourceAction {
     Announce,
     /// Remove the service address from this host.
     RemoveAddress,
-    /// Delete CRIU's lock table of this dump.
-    DeleteLockTable {
-        /// Its name.
+    /// Lock the service address here (every packet to or from it dropped) under table `table`,
+    /// owned by this process: the kernel lifts it if `tether migrate` dies, when CRIU thaws the
+    /// tree by itself. Taken before CRIU dumps the tree's sockets.
+    Lock {
+        /// The table.
         table: String,
+    },
+    /// The same lock under table `table`, not owned: it outlives this process. Taken at the
+    /// commit point, before CRIU ends the copy, so that packets reaching this host for the
+    /// address find no socket and no reset until the address is gone, even if
+    /// `tether migrate` dies meanwhile.
+    KeepLock {
+        /// The table.
+        table: String,
+    },
+    /// Lift the locks: each table with whether it is owned (an owned one only this process may
+    /// lift; one of a process that died is gone already). Absent tables are fine.
+    Unlock {
+        /// The tables.
+        tables: Vec<(String, bool)>,
     },
     /// Remove the image set (memory images are secret).
     RemoveImages,
@@ -357,7 +374,8 @@ pub enum SourceAction {
     Journal {
         /// The phase.
         phase: SourcePhase,
-        /// CRIU's lock table, once known.
+        /// The table of the kept lock ([`SourceAction::KeepLock`]) this migration may leave, from
+        /// the freeze on (a recovery lifts it, or lifts it once the address is gone).
         lock_table: Option<String>,
     },
     /// Remove the record; answer with [`SourceEvent::Completed`]`(Step::Journal, ..)`.
@@ -383,8 +401,40 @@ enum FreezeStep {
     Pausing,
     /// CRIU freezes the tree.
     Freezing,
+    /// The tree is frozen; the address is being locked before CRIU dumps its sockets. The
+    /// redirect runs beside it.
+    Locking { redirected: bool },
     /// CRIU dumps; the redirect runs beside it.
     Dumping { held: bool, redirected: bool },
+}
+
+/// One of the source's locks of the service address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum LockState {
+    /// Not taken (or lifted).
+    #[default]
+    Off,
+    /// Asked for, not confirmed: it may be in place.
+    Asked,
+    /// In place (or it may be: a failed lock is lifted like a taken one).
+    On,
+}
+
+/// The source's locks: CRIU dumps with no network lock of its own (its per-connection nftables
+/// lock aborts with more than about a thousand descriptors open: libnftables' `select()` on a
+/// descriptor above `FD_SETSIZE`), so tether locks the whole service address in one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Locks {
+    /// The owned lock from the freeze on ([`SourceAction::Lock`]).
+    frozen: LockState,
+    /// The kept lock from the commit point on ([`SourceAction::KeepLock`]).
+    kept: LockState,
+}
+
+impl Locks {
+    fn asked(&self) -> bool {
+        self.frozen == LockState::Asked || self.kept == LockState::Asked
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -399,7 +449,7 @@ struct Round {
 /// What waits for the end of the source copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AfterCopyEnd {
-    /// Removing the address and CRIU's lock table (which keeps the copy unreachable).
+    /// Removing the address and the locks (which keep the copy unreachable).
     Cleanup,
     /// Restoring the service here (its pids must be free).
     RestoreLocally,
@@ -414,7 +464,7 @@ enum CopyEnd {
     Killing,
     /// Gone.
     Confirmed,
-    /// It could not be ended: it stays, locked and unreachable, and so does its lock table.
+    /// It could not be ended: it stays, locked and unreachable, and so does its kept lock.
     Lingering,
 }
 
@@ -443,6 +493,8 @@ struct RollingBack {
     failure: Failure,
     /// CRIU has not confirmed the thaw yet.
     awaiting_dump: bool,
+    /// The locks are being lifted (after the thaw, before the proxy's undo).
+    awaiting_unlock: bool,
     /// The proxy undo was asked and not answered.
     awaiting_gate: bool,
 }
@@ -473,6 +525,8 @@ enum State {
         then: AfterCopyEnd,
     },
     RollingBack(RollingBack),
+    /// A recovery found the source copy running: its locks go before the agent is told.
+    RecoveringUnlock,
     Recovering,
     Done,
 }
@@ -495,6 +549,7 @@ impl State {
             State::AwaitingCopyEnd { .. } => "awaiting-copy-end",
             State::RollingBack(_) => "rolling-back",
             State::Recovering => "recovering",
+            State::RecoveringUnlock => "recovering-unlock",
             State::Done => "done",
         }
     }
@@ -535,7 +590,12 @@ pub struct SourceMachine {
     told_frozen: bool,
     /// `ImagesDone` was sent: the agent may hold a restored copy.
     images_done: bool,
+    /// The kept lock's table (journaled from the freeze on).
     lock_table: Option<String>,
+    /// The locks in place.
+    locks: Locks,
+    /// `Journal(Committing)` is written (the commit point waits for it and the kept lock).
+    commit_journaled: bool,
     /// The journal holds a record of this migration.
     journaled: bool,
     /// Once the source copy was ended (CRIU answered post-dump with success: the commit point
@@ -638,6 +698,8 @@ impl SourceMachine {
             told_frozen: false,
             images_done: false,
             lock_table: None,
+            locks: Locks::default(),
+            commit_journaled: false,
             journaled: false,
             copy_end: None,
             late_failure: None,
@@ -739,9 +801,10 @@ impl SourceMachine {
             Err(e) if self.copy_end == Some(CopyEnd::Pending) => return self.kill_copy(&e),
             Err(e) => {
                 self.warn(format!(
-                    "the source copy could not be ended ({e}); it stays frozen behind CRIU's \
-                     lock table, which is kept: no client reaches it. Kill pid {} by hand, then \
+                    "the source copy could not be ended ({e}); it stays frozen behind the lock \
+                     table {}, which is kept: no client reaches it. Kill pid {} by hand, then \
                      delete the table",
+                    self.lock_table.as_deref().unwrap_or("?"),
                     self.cfg.source_pid
                 ));
                 self.copy_end = Some(CopyEnd::Lingering);
@@ -1005,25 +1068,48 @@ impl SourceMachine {
             }
             (State::Freezing(FreezeStep::Freezing), E::Dump(DumpEvent::Frozen)) => {
                 self.told_frozen = true;
+                // The lock first: CRIU dumps the sockets (and puts them in repair mode) only
+                // once it is in place.
+                self.locks.frozen = LockState::Asked;
+                self.push(SourceAction::Lock {
+                    table: self.frozen_lock_table(),
+                });
                 self.send(ToAgent::Frozen);
-                self.push(SourceAction::ProceedDump);
                 let redirected = !self.cfg.gate.is_some_and(|g| g.redirect);
                 if !redirected {
                     // Counted from the request on: an undo points the proxy back.
                     self.redirected = true;
                     self.push(SourceAction::Redirect);
                 }
-                State::Freezing(FreezeStep::Dumping {
-                    held: false,
-                    redirected,
-                })
+                State::Freezing(FreezeStep::Locking { redirected })
             }
             (
-                State::Freezing(FreezeStep::Dumping { redirected, .. }),
-                E::Dump(DumpEvent::Held { lock_table }),
+                State::Freezing(FreezeStep::Locking { redirected }),
+                E::Completed(Step::Lock, result),
             ) => {
+                // A failed transaction applied nothing; lifted all the same on the way back.
+                self.locks.frozen = LockState::On;
+                match result {
+                    Ok(()) => {
+                        self.push(SourceAction::ProceedDump);
+                        State::Freezing(FreezeStep::Dumping {
+                            held: false,
+                            redirected,
+                        })
+                    }
+                    Err(e) => self.rollback(
+                        now,
+                        Failure::port(Side::Source, Phase::Dump, e)
+                            .context("cannot lock the service address before the dump"),
+                    ),
+                }
+            }
+            (
+                State::Freezing(FreezeStep::Locking { .. }),
+                E::Gate(GateEvent::Redirected(Ok(()))),
+            ) => State::Freezing(FreezeStep::Locking { redirected: true }),
+            (State::Freezing(FreezeStep::Dumping { redirected, .. }), E::Dump(DumpEvent::Held)) => {
                 self.held_at = Some(now);
-                self.lock_table = lock_table;
                 if let Some(r) = self.dump_requested {
                     self.report.timings.dump_ms = ms(now - r);
                 }
@@ -1104,6 +1190,11 @@ impl SourceMachine {
                     phase: SourcePhase::Committing,
                     lock_table: self.lock_table.clone(),
                 });
+                // Beside the journal: the lock that outlives us once CRIU ends the copy.
+                if let Some(table) = self.lock_table.clone() {
+                    self.locks.kept = LockState::Asked;
+                    self.push(SourceAction::KeepLock { table });
+                }
                 State::Ending
             }
 
@@ -1178,10 +1269,19 @@ impl SourceMachine {
                 if let Err(e) = result {
                     self.warn(format!("cannot record the commit in the journal: {e}"));
                 }
-                self.copy_end = Some(CopyEnd::Pending);
-                self.dump_active = false;
-                self.push(SourceAction::CommitDump);
-                State::Ending
+                self.commit_journaled = true;
+                self.commit_dump_when_ready()
+            }
+            (State::Ending, E::Completed(Step::KeepLock, result)) if self.copy_end.is_none() => {
+                self.locks.kept = LockState::On;
+                if let Err(e) = result {
+                    self.warn(format!(
+                        "cannot keep the service address locked past this process ({e}): if \
+                         tether migrate dies before the address is gone, late packets to it \
+                         could be answered with resets"
+                    ));
+                }
+                self.commit_dump_when_ready()
             }
             // CRIU has the answer: the copy cannot come back. The commit goes at once; CRIU's
             // end of the copy (a few ms to tens of ms) runs beside it.
@@ -1192,7 +1292,7 @@ impl SourceMachine {
             }
             (State::Ending, E::Dump(DumpEvent::Ended(Err(e)))) => {
                 // CRIU failed before it had the answer: the source copy may still exist (its
-                // connections stay locked by CRIU's table). End it ourselves before the
+                // connections stay locked). End it ourselves before the
                 // destination may run a second one.
                 self.kill_copy(&e);
                 State::Ending
@@ -1257,6 +1357,13 @@ impl SourceMachine {
             (State::Recovering, E::SourceCopy(Ok(alive))) => {
                 let decision = if alive {
                     info!("the source copy runs: the migration was not committed");
+                    if self.lock_table.is_some() {
+                        // A kept lock taken just before the commit point, whose answer never
+                        // reached CRIU: it must not cut the running copy off.
+                        let tables = self.lock_tables();
+                        self.push(SourceAction::Unlock { tables });
+                        return State::RecoveringUnlock;
+                    }
                     Decision::Abort
                 } else {
                     info!("the source copy is gone: the migration passed its commit point");
@@ -1264,6 +1371,12 @@ impl SourceMachine {
                     Decision::Commit
                 };
                 self.resolve(now, decision, ResolveWhy::Recovery)
+            }
+            (State::RecoveringUnlock, E::Completed(Step::Unlock, result)) => {
+                if let Err(e) = result {
+                    self.warn(format!("cannot lift the lock of the service address: {e}"));
+                }
+                self.resolve(now, Decision::Abort, ResolveWhy::Recovery)
             }
             (State::Recovering, E::SourceCopy(Err(e))) => {
                 self.late_failure = Some(
@@ -1352,7 +1465,7 @@ impl SourceMachine {
                     self.warn(format!("{step:?}: {e}"));
                 }
                 if step == Step::RemoveAddress {
-                    // The dump's lock table stays after a commit; left, it would block these
+                    // The kept lock stays after a commit; left, it would block these
                     // very connections if the service ever comes back. It goes once the address
                     // is gone from here (in that order: a packet reaching this host with the
                     // address and no filter and no socket would get a reset), and only with the
@@ -1360,11 +1473,12 @@ impl SourceMachine {
                     let copy_gone = self.copy_end == Some(CopyEnd::Confirmed);
                     if let Some(table) = self.lock_table.clone().filter(|_| copy_gone) {
                         if address_gone {
-                            self.push(SourceAction::DeleteLockTable { table });
+                            let tables = self.lock_tables();
+                            self.push(SourceAction::Unlock { tables });
                             return State::Finishing { pending, outcome };
                         }
                         self.warn(format!(
-                            "CRIU's lock table {table} is kept: the address is still here"
+                            "the lock table {table} is kept: the address is still here"
                         ));
                     }
                 }
@@ -1383,7 +1497,10 @@ impl SourceMachine {
             (State::RestoringLocally, E::RestoredLocally(Ok(pid))) => {
                 info!(pid, "service restored on the source from its image set");
                 self.report.source_pid = pid;
-                let mut then = vec![SourceAction::Announce];
+                // CRIU's restore has no lock of its own to lift: the restored connections go
+                // live when ours go.
+                let tables = self.lock_tables();
+                let mut then = vec![SourceAction::Unlock { tables }, SourceAction::Announce];
                 if self.paused || self.redirected {
                     then.push(SourceAction::UndoGate);
                 }
@@ -1416,7 +1533,32 @@ impl SourceMachine {
                     DumpEvent::Failed(e) => info!("CRIU ended the dump: {e}"),
                     _ => {}
                 }
-                // The tree runs again: now the proxy may let the held bytes go to it.
+                // The tree runs again: its locks go, then the proxy may let the held bytes go to
+                // it.
+                self.unlock_once(&mut rb);
+                self.undo_gate_once(&mut rb);
+                self.rolled_back_if_done(now, rb)
+            }
+            (State::RollingBack(mut rb), E::Completed(step @ (Step::Lock | Step::KeepLock), _)) => {
+                // A lock that completed after the rollback began: lifted like the others.
+                if step == Step::Lock {
+                    self.locks.frozen = LockState::On;
+                } else {
+                    self.locks.kept = LockState::On;
+                }
+                self.unlock_once(&mut rb);
+                self.undo_gate_once(&mut rb);
+                self.rolled_back_if_done(now, rb)
+            }
+            (State::RollingBack(mut rb), E::Completed(Step::Unlock, result)) => {
+                rb.awaiting_unlock = false;
+                if let Err(e) = result {
+                    self.warn(format!(
+                        "cannot lift the lock of the service address ({e}): its clients cannot \
+                         reach it here until `nft delete table inet {}` is run",
+                        self.lock_table.as_deref().unwrap_or("?")
+                    ));
+                }
                 self.undo_gate_once(&mut rb);
                 self.rolled_back_if_done(now, rb)
             }
@@ -1606,9 +1748,11 @@ impl SourceMachine {
     // ---- freezing ----
 
     fn start_freeze(&mut self) -> State {
+        // Named before anything is locked: a recovery lifts whatever the journal names.
+        self.lock_table = Some(format!("tether-lock-{}", self.cfg.id));
         self.push(SourceAction::Journal {
             phase: SourcePhase::Frozen,
-            lock_table: None,
+            lock_table: self.lock_table.clone(),
         });
         State::Freezing(FreezeStep::Starting)
     }
@@ -1634,6 +1778,29 @@ impl SourceMachine {
         self.frozen_limit = limit;
         self.deadline = Some(now + limit);
         self.push(SourceAction::ProceedDump);
+    }
+
+    /// The owned lock's table.
+    fn frozen_lock_table(&self) -> String {
+        format!("tether-frozen-{}", self.cfg.id)
+    }
+
+    /// Every lock table this migration may have left: the owned one (`true`) and the kept one.
+    fn lock_tables(&self) -> Vec<(String, bool)> {
+        let mut t = vec![(self.frozen_lock_table(), true)];
+        t.extend(self.lock_table.clone().map(|k| (k, false)));
+        t
+    }
+
+    /// The commit point: once `Journal(Committing)` is written and the kept lock is in place
+    /// (or failed), CRIU is answered and ends the copy.
+    fn commit_dump_when_ready(&mut self) -> State {
+        if self.commit_journaled && self.locks.kept != LockState::Asked {
+            self.copy_end = Some(CopyEnd::Pending);
+            self.dump_active = false;
+            self.push(SourceAction::CommitDump);
+        }
+        State::Ending
     }
 
     fn maybe_transfer(&mut self, held: bool, redirected: bool) -> State {
@@ -1671,7 +1838,7 @@ impl SourceMachine {
             };
         }
         self.paused = false;
-        // CRIU's lock table goes after the address (see the completion of RemoveAddress).
+        // The locks go after the address (see the completion of RemoveAddress).
         let mut then = vec![SourceAction::RemoveAddress, SourceAction::RemoveImages];
         if self.journaled {
             then.push(SourceAction::ForgetJournal);
@@ -1819,9 +1986,10 @@ impl SourceMachine {
                     if self.paused || self.redirected {
                         then.push(SourceAction::UndoGate);
                     }
-                    if let Some(t) = self.lock_table.clone() {
-                        // CRIU deletes its table when it thaws the tree; make sure.
-                        then.push(SourceAction::DeleteLockTable { table: t });
+                    if self.lock_table.is_some() {
+                        // Lifted before the agent was asked; make sure.
+                        let tables = self.lock_tables();
+                        then.push(SourceAction::Unlock { tables });
                     }
                     then.push(SourceAction::RemoveImages);
                 }
@@ -1876,8 +2044,10 @@ impl SourceMachine {
         let mut rb = RollingBack {
             failure,
             awaiting_dump,
+            awaiting_unlock: false,
             awaiting_gate: false,
         };
+        self.unlock_once(&mut rb);
         self.undo_gate_once(&mut rb);
         self.rolled_back_if_done(now, rb)
     }
@@ -1885,14 +2055,29 @@ impl SourceMachine {
     /// Once the tree runs (CRIU is not thawing it any more), points the proxy back and resumes
     /// it if it was paused or redirected, asking only once.
     fn undo_gate_once(&mut self, rb: &mut RollingBack) {
-        if !rb.awaiting_dump && !rb.awaiting_gate && (self.paused || self.redirected) {
+        let locked = rb.awaiting_unlock || self.locks != Locks::default();
+        if !rb.awaiting_dump && !locked && !rb.awaiting_gate && (self.paused || self.redirected) {
             rb.awaiting_gate = true;
             self.push(SourceAction::UndoGate);
         }
     }
 
+    /// Once the tree runs and no lock is pending, lifts the locks in place, asking only once
+    /// (before the proxy's undo: held bytes must find the address open).
+    fn unlock_once(&mut self, rb: &mut RollingBack) {
+        if rb.awaiting_dump || rb.awaiting_unlock || self.locks.asked() {
+            return;
+        }
+        if self.locks != Locks::default() {
+            let tables = self.lock_tables();
+            self.locks = Locks::default();
+            rb.awaiting_unlock = true;
+            self.push(SourceAction::Unlock { tables });
+        }
+    }
+
     fn rolled_back_if_done(&mut self, now: Instant, rb: RollingBack) -> State {
-        if rb.awaiting_dump || rb.awaiting_gate {
+        if rb.awaiting_dump || rb.awaiting_unlock || self.locks.asked() || rb.awaiting_gate {
             return State::RollingBack(rb);
         }
         let was_frozen = self.stopping.is_some();
@@ -2039,7 +2224,7 @@ fn phase_of(s: &State) -> Phase {
         State::Transferring => Phase::Transfer,
         State::AwaitingRestore => Phase::Restore,
         State::Ending | State::AwaitingCommitted => Phase::Commit,
-        State::Resolving(_) | State::Recovering => Phase::Resolve,
+        State::Resolving(_) | State::Recovering | State::RecoveringUnlock => Phase::Resolve,
         State::Resuming { .. } => Phase::Resume,
         State::Finishing { .. } => Phase::Cleanup,
         State::RestoringLocally => Phase::Restore,

@@ -125,14 +125,7 @@ impl Dump for FakeDump {
                 self.world.with(|s| s.source = FakeCopy::Frozen);
                 DumpPoint::Frozen
             }
-            _ => {
-                self.world.with(|s| {
-                    s.tables.insert("CRIU-fake".into());
-                });
-                DumpPoint::Held {
-                    lock_table: Some("CRIU-fake".into()),
-                }
-            }
+            _ => DumpPoint::Held,
         })
     }
 
@@ -147,10 +140,7 @@ impl Dump for FakeDump {
     }
 
     async fn rollback(self) -> Result<(), PortError> {
-        self.world.with(|s| {
-            s.source = FakeCopy::Running;
-            s.tables.remove("CRIU-fake");
-        });
+        self.world.with(|s| s.source = FakeCopy::Running);
         self.world.op("rollback")
     }
 
@@ -336,6 +326,24 @@ impl AddressMover for FakeNet {
         self.world.op("delete-table")?;
         self.world.with(|s| {
             s.tables.remove(table);
+        });
+        Ok(())
+    }
+
+    async fn lock(&self, table: &str, _addr: Ipv4Addr, _owned: bool) -> Result<(), PortError> {
+        self.world.op("lock")?;
+        self.world.with(|s| {
+            s.tables.insert(table.to_string());
+        });
+        Ok(())
+    }
+
+    async fn unlock(&self, tables: &[(String, bool)]) -> Result<(), PortError> {
+        self.world.op("unlock")?;
+        self.world.with(|s| {
+            for (t, _) in tables {
+                s.tables.remove(t);
+            }
         });
         Ok(())
     }

@@ -33,13 +33,11 @@ pub use crate::machine::PortError as Error;
 pub enum DumpPoint {
     /// Set up, the unit still runs (`pre-dump`).
     PreFreeze,
-    /// The unit is frozen and its connections locked.
+    /// The unit is frozen; nothing of it is dumped yet (its sockets are locked by the caller
+    /// before it goes on).
     Frozen,
-    /// The images are complete; the unit is held frozen and locked (`post-dump`).
-    Held {
-        /// The name of the lock table the dump left (it stays after a commit).
-        lock_table: Option<String>,
-    },
+    /// The images are complete; the unit is held frozen (`post-dump`).
+    Held,
 }
 
 /// A dump in progress, held at its points until the driver lets it go on.
@@ -185,8 +183,26 @@ pub trait AddressMover: Send + Sync + 'static {
         dev: &str,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 
-    /// Deletes table `table` (every family; absent is fine): lifts a block or a lock.
+    /// Deletes table `table` (every family; absent is fine): lifts a block.
     fn delete_table(&self, table: &str) -> impl Future<Output = Result<(), PortError>> + Send;
+
+    /// Locks `addr` here under table `table`: every packet to or from it is dropped, on every
+    /// interface, so that no socket of the service answers or is answered for (a frozen copy's
+    /// sockets in repair mode, a dead copy's closed ones). With `owned`, the lock is tied to this
+    /// process: the kernel lifts it if the process dies.
+    fn lock(
+        &self,
+        table: &str,
+        addr: Ipv4Addr,
+        owned: bool,
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+
+    /// Lifts the locks `tables` (name, and whether it was taken `owned`) in one step; absent
+    /// ones are fine.
+    fn unlock(
+        &self,
+        tables: &[(String, bool)],
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
 
     /// Announces `addr` from `dev` (gratuitous ARP): the LAN sends its packets here.
     fn announce(

@@ -6,7 +6,7 @@
 //!
 //! The model is deliberately small but keeps what the invariants are about: which copies of the
 //! service exist and in what state (running, frozen, stopped, dead), whether each host has the
-//! service address configured and whether it filters it (CRIU's lock table on the source, the
+//! service address configured and whether it filters it (the source's locks, the
 //! agent's block on the destination), where the LAN sends the address's packets (the last
 //! announcement), whether the proxy holds or releases client bytes, and whether a copy that
 //! clients talked to is ever thrown away. [`Sim::check`] asserts the invariants after every
@@ -229,7 +229,10 @@ pub struct Sim {
     // the world
     pub src_copy: Copy,
     pub dst_copy: Copy,
-    pub src_locked: bool,
+    /// The source's owned lock (lifted by the kernel when `tether migrate` dies).
+    pub src_lock_owned: bool,
+    /// The source's kept lock.
+    pub src_lock_kept: bool,
     pub dst_blocked: bool,
     pub src_address: bool,
     pub dst_address: bool,
@@ -294,7 +297,8 @@ impl Sim {
             next_conn: 1,
             src_copy: Copy::Running,
             dst_copy: Copy::None,
-            src_locked: false,
+            src_lock_owned: false,
+            src_lock_kept: false,
             dst_blocked: false,
             src_address: true,
             dst_address: false,
@@ -471,11 +475,12 @@ impl Sim {
             Criu::Frozen | Criu::Dumping | Criu::Held => {
                 self.criu = Criu::Idle;
                 self.src_copy = Copy::Running;
-                self.src_locked = false;
                 self.src_came_back = true;
             }
             Criu::Idle | Criu::Ended => {}
         }
+        // The owned lock dies with the process that took it.
+        self.src_lock_owned = false;
         if let Some(c) = self.src_conn.take() {
             self.break_conn(c, IDLE);
         }
@@ -920,7 +925,6 @@ impl Sim {
                     }
                     self.criu = Criu::Frozen;
                     self.src_copy = Copy::Frozen;
-                    self.src_locked = true;
                     self.src_images = false;
                     self.src_later(
                         Duration::from_millis(5),
@@ -932,7 +936,6 @@ impl Sim {
                         // CRIU fails mid-dump and rolls back by itself.
                         self.criu = Criu::Idle;
                         self.src_copy = Copy::Running;
-                        self.src_locked = false;
                         self.src_came_back = true;
                         self.src_later(
                             Duration::from_millis(1),
@@ -940,18 +943,18 @@ impl Sim {
                         );
                         return;
                     }
+                    if !self.src_locked() {
+                        let t = (self.now - self.start).as_secs_f64() * 1e3;
+                        self.violations
+                            .push(format!("{t:.1} ms: CRIU dumps the sockets unlocked"));
+                    }
                     self.criu = Criu::Dumping;
                     let epoch = self.src_epoch;
                     // The images are complete at post-dump.
                     self.src_images = true;
                     self.at(
                         Duration::from_millis(50),
-                        Item::Source(
-                            epoch,
-                            SourceEvent::Dump(DumpEvent::Held {
-                                lock_table: Some("CRIU-sim".into()),
-                            }),
-                        ),
+                        Item::Source(epoch, SourceEvent::Dump(DumpEvent::Held)),
                     );
                     self.criu = Criu::Held;
                 }
@@ -971,7 +974,6 @@ impl Sim {
                 self.criu = Criu::Idle;
                 if matches!(was, Criu::Frozen | Criu::Dumping | Criu::Held) {
                     self.src_copy = Copy::Running;
-                    self.src_locked = false;
                     self.src_came_back = true;
                 }
                 let r = if fail {
@@ -1099,11 +1101,24 @@ impl Sim {
                 }
                 self.src_done(Step::RemoveAddress, fail);
             }
-            SourceAction::DeleteLockTable { .. } => {
+            SourceAction::Lock { .. } => {
                 if !fail {
-                    self.src_locked = false;
+                    self.src_lock_owned = true;
                 }
-                self.src_done(Step::DeleteLockTable, fail);
+                self.src_done(Step::Lock, fail);
+            }
+            SourceAction::KeepLock { .. } => {
+                if !fail {
+                    self.src_lock_kept = true;
+                }
+                self.src_done(Step::KeepLock, fail);
+            }
+            SourceAction::Unlock { .. } => {
+                if !fail {
+                    self.src_lock_owned = false;
+                    self.src_lock_kept = false;
+                }
+                self.src_done(Step::Unlock, fail);
             }
             SourceAction::RemoveImages => {
                 if !fail {
@@ -1137,8 +1152,6 @@ impl Sim {
                     assert!(!self.src_copy.exists(), "local restore beside a live copy");
                     self.src_copy = Copy::Running;
                     self.src_came_back = true;
-                    // CRIU's restore lifts the lock table as the connections go live.
-                    self.src_locked = false;
                     self.src_address = true;
                     Ok(101)
                 };
@@ -1460,9 +1473,14 @@ impl Sim {
 
     // ---- invariants ----
 
+    /// Whether the source filters the address (either lock).
+    pub fn src_locked(&self) -> bool {
+        self.src_lock_owned || self.src_lock_kept
+    }
+
     fn live(&self, h: Host) -> bool {
         match h {
-            Host::Src => self.src_copy == Copy::Running && !self.src_locked,
+            Host::Src => self.src_copy == Copy::Running && !self.src_locked(),
             Host::Dst => self.dst_copy == Copy::Running && !self.dst_blocked,
         }
     }
@@ -1500,7 +1518,7 @@ impl Sim {
         // 3b. Packets that reach a host with the address, unfiltered, and no copy there get a
         //     reset.
         let (addr, filtered, copy) = match self.arp {
-            Host::Src => (self.src_address, self.src_locked, self.src_copy),
+            Host::Src => (self.src_address, self.src_locked(), self.src_copy),
             Host::Dst => (self.dst_address, self.dst_blocked, self.dst_copy),
         };
         if addr && !filtered && !copy.exists() {
@@ -1522,7 +1540,7 @@ impl Sim {
                 "end: {} copies serve (source {:?} locked={}, destination {:?} blocked={})",
                 src as u8 + dst as u8,
                 self.src_copy,
-                self.src_locked,
+                self.src_locked(),
                 self.dst_copy,
                 self.dst_blocked
             ));
