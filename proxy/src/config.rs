@@ -46,7 +46,75 @@ pub enum ConfigError {
     /// A value is out of range or inconsistent.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The configured flow limits need more open files than the process may have.
+    #[error(
+        "the configured flow limits need {needed} open files (max_tcp_flows: two per TCP flow; \
+         udp_max_flows: one per UDP flow and listener; {margin} more for the proxy itself), but \
+         this process may open only {limit}: raise the hard limit (`ulimit -Hn {needed}` in the \
+         shell that starts it, LimitNOFILE={needed} in a systemd unit) or lower the limits"
+    )]
+    DescriptorsShort {
+        /// What the limits need.
+        needed: u64,
+        /// What the process may open.
+        limit: u64,
+        /// The part of `needed` that is the proxy's own.
+        margin: u64,
+    },
 }
+
+/// A flow limit: a number set in the configuration, or the default, which
+/// [`Config::fit_open_files`] lowers to what the process's open-files limit allows. Two limits
+/// are equal when their numbers are.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowLimit {
+    value: usize,
+    set: bool,
+}
+
+impl FlowLimit {
+    /// The default `value`, which may be lowered to fit.
+    pub const fn default_of(value: usize) -> FlowLimit {
+        FlowLimit { value, set: false }
+    }
+    /// The limit.
+    pub fn get(self) -> usize {
+        self.value
+    }
+    /// Whether it was set rather than defaulted.
+    pub fn is_set(self) -> bool {
+        self.set
+    }
+}
+
+impl PartialEq for FlowLimit {
+    fn eq(&self, other: &FlowLimit) -> bool {
+        self.value == other.value
+    }
+}
+
+impl Eq for FlowLimit {}
+
+impl From<usize> for FlowLimit {
+    fn from(value: usize) -> FlowLimit {
+        FlowLimit { value, set: true }
+    }
+}
+
+impl serde::Serialize for FlowLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.value as u64)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for FlowLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FlowLimit, D::Error> {
+        usize::deserialize(d).map(FlowLimit::from)
+    }
+}
+
+/// Fewest flows a defaulted limit is lowered to; below it the proxy refuses to start.
+pub const MIN_FITTED_FLOWS: usize = 64;
 
 /// The whole proxy.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -92,12 +160,14 @@ pub struct Limits {
     pub pause_timeout_ms: u64,
     /// Size of each TCP copy buffer (two per connection, allocated on first data).
     pub tcp_buffer_bytes: usize,
-    /// Most concurrent TCP connections; further ones are reset.
-    pub max_tcp_flows: usize,
+    /// Most concurrent TCP connections; further ones are reset. Default 16,384, lowered to
+    /// fit the open-files limit when not set.
+    pub max_tcp_flows: FlowLimit,
     /// Timeout for opening a TCP connection to the backend.
     pub connect_timeout_ms: u64,
     /// Most UDP flows (client addresses) per UDP listener; datagrams of further ones are dropped.
-    pub udp_max_flows: usize,
+    /// Default 4,096, lowered to fit the open-files limit when not set.
+    pub udp_max_flows: FlowLimit,
     /// A UDP flow without traffic either way for this long is removed.
     pub udp_idle_timeout_ms: u64,
     /// Most datagrams held per UDP flow during a pause.
@@ -120,9 +190,9 @@ impl ServiceConfig {
         let tcp = if self.tcp_listen.is_empty() {
             0
         } else {
-            2 * self.limits.max_tcp_flows as u64
+            2 * self.limits.max_tcp_flows.get() as u64
         };
-        let udp = self.udp_listen.len() as u64 * self.limits.udp_max_flows as u64;
+        let udp = self.udp_listen.len() as u64 * self.limits.udp_max_flows.get() as u64;
         listeners + tcp + udp
     }
 }
@@ -133,9 +203,9 @@ impl Default for Limits {
             max_hold_ms: 5_000,
             pause_timeout_ms: 1_000,
             tcp_buffer_bytes: 16 * 1024,
-            max_tcp_flows: 16_384,
+            max_tcp_flows: FlowLimit::default_of(16_384),
             connect_timeout_ms: 3_000,
-            udp_max_flows: 4_096,
+            udp_max_flows: FlowLimit::default_of(4_096),
             udp_idle_timeout_ms: 120_000,
             hold_flow_datagrams: 1_024,
             hold_flow_bytes: 1 << 20,
@@ -187,7 +257,7 @@ impl Limits {
         if !(1024..=(16 << 20)).contains(&self.tcp_buffer_bytes) {
             return bad("tcp_buffer_bytes must be between 1024 and 16777216");
         }
-        if self.max_tcp_flows == 0 || self.udp_max_flows == 0 {
+        if self.max_tcp_flows.get() == 0 || self.udp_max_flows.get() == 0 {
             return bad("max_tcp_flows and udp_max_flows must be positive");
         }
         if self.connect_timeout_ms == 0 || self.udp_idle_timeout_ms == 0 {
@@ -256,6 +326,75 @@ impl Config {
                 .sum::<u64>()
     }
 
+    /// Makes the flow limits fit in `open_files` descriptors (the process's open-files limit):
+    /// nothing changes if they fit; otherwise the limits left at their defaults are lowered in
+    /// proportion (each to at least [`MIN_FITTED_FLOWS`]) and what was lowered is returned, for
+    /// the log. Limits that were set are never changed: if they (with the defaulted ones at
+    /// their minimum) do not fit, the configuration is refused, saying what it needs.
+    pub fn fit_open_files(&mut self, open_files: u64) -> Result<Vec<String>, ConfigError> {
+        let needed = self.descriptors_needed();
+        if needed <= open_files {
+            return Ok(Vec::new());
+        }
+        // Descriptors per unit of each defaulted limit, and what the rest needs.
+        let mut fixed = DESCRIPTOR_MARGIN;
+        let mut scalable = 0u64;
+        for s in &self.services {
+            fixed += (s.tcp_listen.len() + s.udp_listen.len()) as u64;
+            let tcp = if s.tcp_listen.is_empty() { 0 } else { 2 };
+            let udp = s.udp_listen.len() as u64;
+            for (limit, per) in [(s.limits.max_tcp_flows, tcp), (s.limits.udp_max_flows, udp)] {
+                if limit.is_set() {
+                    fixed += per * limit.get() as u64;
+                } else {
+                    scalable += per * limit.get() as u64;
+                }
+            }
+        }
+        let floor: u64 = self
+            .services
+            .iter()
+            .map(|s| {
+                let tcp = if s.tcp_listen.is_empty() || s.limits.max_tcp_flows.is_set() {
+                    0
+                } else {
+                    2
+                };
+                let udp = if s.limits.udp_max_flows.is_set() {
+                    0
+                } else {
+                    s.udp_listen.len() as u64
+                };
+                (tcp + udp) * MIN_FITTED_FLOWS as u64
+            })
+            .sum();
+        if scalable == 0 || fixed + floor > open_files {
+            let at_least = if scalable == 0 { needed } else { fixed + floor };
+            return Err(ConfigError::DescriptorsShort {
+                needed: at_least,
+                limit: open_files,
+                margin: DESCRIPTOR_MARGIN,
+            });
+        }
+        let room = open_files - fixed;
+        let mut lowered = Vec::new();
+        for s in &mut self.services {
+            for (what, limit) in [
+                ("max_tcp_flows", &mut s.limits.max_tcp_flows),
+                ("udp_max_flows", &mut s.limits.udp_max_flows),
+            ] {
+                if limit.is_set() {
+                    continue;
+                }
+                let v = ((limit.get() as u128 * room as u128) / scalable as u128) as usize;
+                let v = v.max(MIN_FITTED_FLOWS);
+                lowered.push(format!("service {}: {what} {} -> {v}", s.name, limit.get()));
+                *limit = FlowLimit::default_of(v);
+            }
+        }
+        Ok(lowered)
+    }
+
     /// Checks names, addresses and limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.services.is_empty() {
@@ -309,6 +448,91 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn one_service(tcp: Option<usize>, udp: Option<usize>) -> Config {
+        let mut s = ServiceConfig::new("a", "10.0.0.1:80".parse().expect("addr"));
+        s.tcp_listen = vec!["127.0.0.1:1".parse().expect("addr")];
+        s.udp_listen = vec!["127.0.0.1:2".parse().expect("addr")];
+        if let Some(t) = tcp {
+            s.limits.max_tcp_flows = t.into();
+        }
+        if let Some(u) = udp {
+            s.limits.udp_max_flows = u.into();
+        }
+        Config {
+            control: None,
+            metrics: None,
+            services: vec![s],
+        }
+    }
+
+    #[test]
+    fn limits_that_fit_are_left_alone() {
+        let mut c = one_service(None, None);
+        let needed = c.descriptors_needed();
+        assert_eq!(needed, DESCRIPTOR_MARGIN + 2 + 2 * 16_384 + 4_096);
+        assert!(c.fit_open_files(needed).expect("fits").is_empty());
+        assert_eq!(c, one_service(None, None));
+    }
+
+    #[test]
+    fn defaulted_limits_shrink_to_fit_in_proportion() {
+        let mut c = one_service(None, None);
+        let lowered = c.fit_open_files(20_000).expect("fits once lowered");
+        let l = c.services[0].limits;
+        assert!(
+            c.descriptors_needed() <= 20_000,
+            "{}",
+            c.descriptors_needed()
+        );
+        // 19,934 descriptors shared 32,768 : 4,096 between the two.
+        assert_eq!(l.max_tcp_flows.get(), 16_384 * 19_934 / 36_864);
+        assert_eq!(l.udp_max_flows.get(), 4_096 * 19_934 / 36_864);
+        assert!(!l.max_tcp_flows.is_set());
+        assert_eq!(lowered.len(), 2);
+        assert!(
+            lowered[0].contains("max_tcp_flows 16384 -> "),
+            "{lowered:?}"
+        );
+        // A set limit stays; the defaulted one takes what is left.
+        let mut c = one_service(Some(9_000), None);
+        c.fit_open_files(20_000).expect("fits");
+        assert_eq!(c.services[0].limits.max_tcp_flows.get(), 9_000);
+        assert_eq!(
+            c.services[0].limits.udp_max_flows.get(),
+            (20_000 - DESCRIPTOR_MARGIN - 2 - 18_000) as usize
+        );
+    }
+
+    #[test]
+    fn set_limits_that_do_not_fit_are_refused_with_what_they_need() {
+        let mut c = one_service(Some(16_384), Some(4_096));
+        let e = c.fit_open_files(20_000).expect_err("too many");
+        let msg = e.to_string();
+        assert!(
+            matches!(
+                e,
+                ConfigError::DescriptorsShort {
+                    needed: 36_930,
+                    limit: 20_000,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            msg.contains("ulimit -Hn 36930") && msg.contains("LimitNOFILE=36930"),
+            "{msg}"
+        );
+        // Defaulted limits that would have to go below the floor: refused too.
+        let mut c = one_service(None, None);
+        let e = c.fit_open_files(200).expect_err("too few");
+        assert!(
+            matches!(e, ConfigError::DescriptorsShort { needed, limit: 200, .. }
+                if needed == DESCRIPTOR_MARGIN + 2 + 3 * MIN_FITTED_FLOWS as u64),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn descriptors_needed_counts_listeners_and_flows_at_their_limits() {
         let mut s = ServiceConfig::new("a", "10.0.0.1:80".parse().expect("addr"));
@@ -317,8 +541,8 @@ mod tests {
             "127.0.0.1:2".parse().expect("addr"),
             "127.0.0.1:3".parse().expect("addr"),
         ];
-        s.limits.max_tcp_flows = 100;
-        s.limits.udp_max_flows = 10;
+        s.limits.max_tcp_flows = 100.into();
+        s.limits.udp_max_flows = 10.into();
         assert_eq!(s.descriptors_needed(), 3 + 200 + 20);
         let mut udp_only = s.clone();
         udp_only.tcp_listen.clear();
@@ -357,7 +581,7 @@ mod tests {
         let kv = &c.services[0];
         assert_eq!(kv.tcp_listen.len(), 2);
         assert_eq!(kv.limits.max_hold(), Duration::from_secs(2));
-        assert_eq!(kv.limits.udp_max_flows, 10);
+        assert_eq!(kv.limits.udp_max_flows, 10.into());
         assert_eq!(
             kv.limits.tcp_buffer_bytes,
             Limits::default().tcp_buffer_bytes

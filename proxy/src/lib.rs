@@ -49,6 +49,6 @@ mod tcp;
 mod udp;
 mod util;
 
-pub use config::{Config, Limits, ServiceConfig};
+pub use config::{Config, FlowLimit, Limits, ServiceConfig};
 pub use server::{Proxy, ProxyError, ProxyHandle};
 pub use state::Phase;

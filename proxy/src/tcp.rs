@@ -180,7 +180,7 @@ pub(crate) async fn accept_loop(ctx: Arc<FlowCtx>, flows: Arc<TcpFlows>, listene
                 continue;
             }
         };
-        let limit = ctx.limits.max_tcp_flows;
+        let limit = ctx.limits.max_tcp_flows.get();
         if usize::try_from(ctx.metrics.tcp_flows.get()).unwrap_or(0) >= limit {
             ctx.metrics.drop_one(DropReason::TcpFlowLimit);
             reset(&client);

@@ -316,7 +316,7 @@ impl Actor {
         }
         let now = Instant::now();
         if !self.flows.contains_key(&from) {
-            if self.flows.len() >= self.limits.udp_max_flows {
+            if self.flows.len() >= self.limits.udp_max_flows.get() {
                 self.metrics
                     .drop_n(DropReason::UdpFlowTableFull, datagrams.len() as u64);
                 return;

@@ -401,7 +401,7 @@ async fn a_pause_whose_upstream_does_not_drain_fails_naming_the_flow_and_is_undo
 async fn connections_beyond_the_limit_and_unreachable_backends_are_reset_and_counted() {
     let echo = tcp_echo().await;
     let mut cfg = service("s", echo.addr);
-    cfg.limits.max_tcp_flows = 2;
+    cfg.limits.max_tcp_flows = 2.into();
     // A closed port for the second service.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -203,7 +203,7 @@ async fn a_flood_from_many_source_ports_is_capped_by_the_flow_table_and_spares_e
     const FLOOD: usize = 400;
     let echo = udp_echo().await;
     let mut cfg = service("s", echo.addr);
-    cfg.limits.udp_max_flows = MAX;
+    cfg.limits.udp_max_flows = MAX.into();
     let p = start(vec![cfg]).await;
     let existing = client_socket(p.udp("s")).await;
     existing.send(b"first").await.expect("send");

@@ -12,6 +12,10 @@ use tether_proxy::{control, Config, Proxy, ServiceConfig};
 /// and resumes them on command (`tether proxyctl`, or `tether migrate --proxy`), so that clients
 /// keep their connections while the service moves. Either `--config FILE` for any number of
 /// services, or `--name`, `--backend` and listen addresses for one.
+///
+/// The proxy raises its open-files limit to the hard limit. Flow limits left at their defaults
+/// (16,384 TCP flows; 4,096 UDP flows per listener) are lowered to fit it, and the log says so;
+/// flow limits set in the configuration that cannot fit are refused, naming what they need.
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
     /// TOML configuration: `[[service]]` tables with `name`, `tcp_listen`, `udp_listen`,
@@ -78,29 +82,28 @@ fn config_from(a: &ProxyArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Warns when the configured flow limits need more descriptors than the process may open: flows
-/// past that point fail to open (accept or socket errors) instead of being refused by the limit.
-fn warn_if_descriptors_short(config: &Config) {
-    let needed = config.descriptors_needed();
-    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < needed => tracing::warn!(
-            needed,
-            soft,
-            hard,
-            "the configured flow limits (max_tcp_flows: two descriptors per TCP flow; \
-             udp_max_flows: one per UDP flow and listener) need {needed} open files, more than \
-             this process may open ({soft}): raise the hard limit (ulimit -Hn, LimitNOFILE= in a \
-             systemd unit) or lower the limits"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
+/// Fits the flow limits to the open-files limit (raised to the hard limit at start): limits left
+/// at their defaults are lowered to fit, and said so; set ones that cannot fit are refused,
+/// naming what they need. Flows past the descriptor limit would otherwise fail to open (accept
+/// or socket errors) instead of being refused by the flow limit.
+fn fit_descriptors(config: &mut Config) -> anyhow::Result<()> {
+    let (soft, _hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_err(|e| anyhow::anyhow!("cannot read the open files limit: {e}"))?;
+    for what in config.fit_open_files(soft)? {
+        tracing::info!(
+            open_files = soft,
+            "{what}: the default flow limits do not fit in this process's open files; set \
+             max_tcp_flows/udp_max_flows, or raise the hard limit (ulimit -Hn, LimitNOFILE=), \
+             to choose"
+        );
     }
+    Ok(())
 }
 
 /// Runs `tether proxy` until SIGINT or SIGTERM.
 pub async fn run(a: ProxyArgs) -> anyhow::Result<ExitCode> {
-    let config = config_from(&a)?;
-    warn_if_descriptors_short(&config);
+    let mut config = config_from(&a)?;
+    fit_descriptors(&mut config)?;
     let proxy = Proxy::start(&config).await?;
     if let Some(p) = proxy.control_path() {
         tracing::info!("control socket {}", p.display());
