@@ -29,6 +29,8 @@ pub enum DropReason {
     HoldAge,
     /// Sending a datagram to the service failed.
     UdpUpstreamSend,
+    /// The flow's upstream socket could not take more and its backlog was full.
+    UdpUpstreamBacklog,
     /// The upstream socket of a new UDP flow could not be created.
     UdpUpstreamSocket,
     /// Sending a datagram to the client failed.
@@ -43,7 +45,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in a fixed order (the metrics' order).
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::UdpFlowTableFull,
         DropReason::HoldFlowDatagrams,
         DropReason::HoldFlowBytes,
@@ -51,6 +53,7 @@ impl DropReason {
         DropReason::HoldTotalBytes,
         DropReason::HoldAge,
         DropReason::UdpUpstreamSend,
+        DropReason::UdpUpstreamBacklog,
         DropReason::UdpUpstreamSocket,
         DropReason::UdpClientSend,
         DropReason::UdpTooLong,
@@ -68,6 +71,7 @@ impl DropReason {
             DropReason::HoldTotalBytes => "hold_total_bytes",
             DropReason::HoldAge => "hold_age",
             DropReason::UdpUpstreamSend => "udp_upstream_send",
+            DropReason::UdpUpstreamBacklog => "udp_upstream_backlog",
             DropReason::UdpUpstreamSocket => "udp_upstream_socket",
             DropReason::UdpClientSend => "udp_client_send",
             DropReason::UdpTooLong => "udp_too_long",

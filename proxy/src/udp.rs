@@ -19,6 +19,12 @@
 //!   socket and on each upstream socket, and the consecutive datagrams of one flow go out with
 //!   one `sendmmsg`. Order within a flow is kept; batches form only when datagrams queue up, so
 //!   a lone datagram is not delayed.
+//! - The actor never waits for a flow: it sends upstream without blocking, and what a flow's
+//!   upstream socket cannot take at once goes to that flow's backlog, which a writer task of the
+//!   flow sends as the socket drains (datagrams of that flow follow it there, in order, until it
+//!   is empty). The backlog is bounded (the per-flow hold limits); past them datagrams are
+//!   dropped and counted (`udp_upstream_backlog`). A flow whose socket is full (a burst released
+//!   after a pause into a slow link) thus never delays the other flows of its listener.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -105,12 +111,26 @@ struct Flow {
     backend: SocketAddr,
     shared: Arc<FlowShared>,
     reader: tokio::task::JoinHandle<()>,
+    /// Datagrams the upstream socket could not take at once, for the writer task.
+    backlog: mpsc::Sender<Vec<u8>>,
+    /// Datagrams and bytes in the backlog or being sent by the writer: while any, this flow's
+    /// datagrams go to the backlog (order).
+    pending: Arc<Pending>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Flow {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
     }
+}
+
+/// What a flow's backlog holds.
+#[derive(Debug, Default)]
+struct Pending {
+    datagrams: AtomicU64,
+    bytes: AtomicU64,
 }
 
 /// Allocates flow ids unique within a service (shared with its TCP flows).
@@ -261,18 +281,24 @@ impl Actor {
                 let v = self
                     .flows
                     .iter()
-                    .filter_map(|(client, f)| match sys::outq(f.upstream.as_fd()) {
-                        Ok(0) => None,
-                        r => Some(UnquiescedFlow {
-                            proto: "udp".into(),
-                            id: f.id,
-                            client: *client,
-                            reason: match &r {
-                                Err(e) => format!("SIOCOUTQ: {e}"),
-                                Ok(_) => "datagrams queued upstream".into(),
-                            },
-                            upstream_outq: r.ok(),
-                        }),
+                    .filter_map(|(client, f)| {
+                        let backlog = f.pending.datagrams.load(Ordering::Acquire);
+                        match sys::outq(f.upstream.as_fd()) {
+                            Ok(0) if backlog == 0 => None,
+                            r => Some(UnquiescedFlow {
+                                proto: "udp".into(),
+                                id: f.id,
+                                client: *client,
+                                reason: match &r {
+                                    Err(e) => format!("SIOCOUTQ: {e}"),
+                                    Ok(0) => format!(
+                                        "{backlog} datagram(s) waiting for the upstream socket"
+                                    ),
+                                    Ok(_) => "datagrams queued upstream".into(),
+                                },
+                                upstream_outq: r.ok(),
+                            }),
+                        }
                     })
                     .collect();
                 let _ = tx.send(v);
@@ -351,13 +377,15 @@ impl Actor {
                 }
             }
         } else {
-            self.send(from, datagrams).await;
+            self.send(from, datagrams);
         }
     }
 
-    /// Sends datagrams of `client`'s flow upstream, in order, batched; counts them. Returns what
-    /// was sent (a datagram that fails is counted as a drop and the rest go on).
-    async fn send(&self, client: SocketAddr, datagrams: &[&[u8]]) -> Usage {
+    /// Sends datagrams of `client`'s flow upstream, in order, batched, without waiting: what the
+    /// socket cannot take at once (or everything, while the flow has a backlog) goes to the
+    /// flow's backlog, within its bounds. Returns what was sent or queued (a datagram that fails
+    /// or does not fit is counted as a drop and the rest go on).
+    fn send(&self, client: SocketAddr, datagrams: &[&[u8]]) -> Usage {
         let mut sent = Usage::default();
         let Some(f) = self.flows.get(&client) else {
             self.metrics
@@ -365,42 +393,34 @@ impl Actor {
             return sent;
         };
         let mut at = 0;
-        let mut retried = false;
-        while at < datagrams.len() {
-            let left = &datagrams[at..];
-            let r = f
-                .upstream
-                .async_io(Interest::WRITABLE, || {
-                    sys::send_batch(f.upstream.as_fd(), left, None)
-                })
-                .await;
-            match r {
-                Ok(n) => {
-                    let bytes: usize = left[..n].iter().map(|d| d.len()).sum();
-                    let s = &f.shared;
-                    s.datagrams_to_service
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    s.bytes_to_service
-                        .fetch_add(bytes as u64, Ordering::Relaxed);
-                    self.metrics.udp_datagrams_to_service.add(n as u64);
-                    self.metrics.udp_bytes_to_service.add(bytes as u64);
-                    sent.datagrams += n;
-                    sent.bytes += bytes;
-                    at += n;
-                    retried = false;
-                }
-                // A pending ICMP error from an earlier datagram (e.g. while the service moved)
-                // is reported on this call and nothing was sent: retry once.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !retried => {
-                    retried = true;
-                }
-                Err(e) => {
-                    tracing::debug!(service = %self.service, %client, "send upstream: {e}");
-                    self.metrics.drop_one(DropReason::UdpUpstreamSend);
-                    at += 1;
-                    retried = false;
-                }
+        if f.pending.datagrams.load(Ordering::Acquire) == 0 {
+            let r = send_now(&f.upstream, datagrams, &self.service, client, |_| {
+                self.metrics.drop_one(DropReason::UdpUpstreamSend)
+            });
+            count_to_service(&f.shared, &self.metrics, r.datagrams, r.bytes);
+            sent.datagrams += r.datagrams;
+            sent.bytes += r.bytes;
+            at = r.consumed;
+        }
+        let limits = self.limits.hold();
+        for d in datagrams[at..].iter() {
+            let p = &f.pending;
+            let full = p.datagrams.load(Ordering::Acquire) as usize >= limits.flow_datagrams
+                || p.bytes.load(Ordering::Acquire) as usize + d.len() > limits.flow_bytes;
+            if full {
+                self.metrics.drop_one(DropReason::UdpUpstreamBacklog);
+                continue;
             }
+            p.datagrams.fetch_add(1, Ordering::AcqRel);
+            p.bytes.fetch_add(d.len() as u64, Ordering::AcqRel);
+            if f.backlog.try_send(d.to_vec()).is_err() {
+                p.datagrams.fetch_sub(1, Ordering::AcqRel);
+                p.bytes.fetch_sub(d.len() as u64, Ordering::AcqRel);
+                self.metrics.drop_one(DropReason::UdpUpstreamBacklog);
+                continue;
+            }
+            sent.datagrams += 1;
+            sent.bytes += d.len();
         }
         sent
     }
@@ -411,6 +431,19 @@ impl Actor {
         sock.connect(self.backend)?;
         let upstream = Arc::new(UdpSocket::from_std(sock)?);
         let shared = Arc::new(FlowShared::default());
+        let pending = Arc::new(Pending::default());
+        // Bounded by the per-flow hold limits (checked before each push); the channel's own
+        // capacity only backs that up.
+        let (backlog, queued) = mpsc::channel(self.limits.hold().flow_datagrams.max(1));
+        let writer = tokio::spawn(writer(
+            upstream.clone(),
+            queued,
+            pending.clone(),
+            shared.clone(),
+            self.metrics.clone(),
+            self.service.clone(),
+            client,
+        ));
         let reader = tokio::spawn(reader(
             upstream.clone(),
             self.listen.clone(),
@@ -425,6 +458,9 @@ impl Actor {
             backend: self.backend,
             shared,
             reader,
+            backlog,
+            pending,
+            writer,
         })
     }
 
@@ -458,7 +494,7 @@ impl Actor {
             if flush {
                 if let Some(f) = run_flow.take() {
                     let refs: Vec<&[u8]> = run.iter().map(Vec::as_slice).collect();
-                    let sent = self.send(f, &refs).await;
+                    let sent = self.send(f, &refs);
                     released.datagrams += sent.datagrams;
                     released.bytes += sent.bytes;
                     run.clear();
@@ -538,6 +574,108 @@ impl Actor {
         let u = self.queue.usage();
         self.account_unheld(u);
         while self.queue.pop().is_some() {}
+    }
+}
+
+/// Sends as many of `datagrams` as the socket takes now (batched, in order). A pending ICMP error
+/// from an earlier datagram (port unreachable while the service moved) is reported on a call
+/// that sent nothing: retried once. A datagram that fails otherwise is passed to `dropped` and
+/// skipped. Stops at the first that would block.
+fn send_now(
+    upstream: &UdpSocket,
+    datagrams: &[&[u8]],
+    service: &str,
+    client: SocketAddr,
+    mut dropped: impl FnMut(&[u8]),
+) -> Sent {
+    let (mut at, mut sent, mut bytes) = (0, 0, 0);
+    let mut retried = false;
+    while at < datagrams.len() {
+        let left = &datagrams[at..];
+        match upstream.try_io(Interest::WRITABLE, || {
+            sys::send_batch(upstream.as_fd(), left, None)
+        }) {
+            Ok(n) => {
+                bytes += left[..n].iter().map(|d| d.len()).sum::<usize>();
+                at += n;
+                sent += n;
+                retried = false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !retried => retried = true,
+            Err(e) => {
+                tracing::debug!(%service, %client, "send upstream: {e}");
+                dropped(left[0]);
+                at += 1;
+                retried = false;
+            }
+        }
+    }
+    Sent {
+        consumed: at,
+        datagrams: sent,
+        bytes,
+    }
+}
+
+/// What [`send_now`] did.
+struct Sent {
+    /// Datagrams dealt with (sent or dropped), from the start.
+    consumed: usize,
+    /// Datagrams sent.
+    datagrams: usize,
+    /// Their bytes.
+    bytes: usize,
+}
+
+fn count_to_service(shared: &FlowShared, metrics: &ServiceMetrics, n: usize, bytes: usize) {
+    if n == 0 {
+        return;
+    }
+    shared
+        .datagrams_to_service
+        .fetch_add(n as u64, Ordering::Relaxed);
+    shared
+        .bytes_to_service
+        .fetch_add(bytes as u64, Ordering::Relaxed);
+    metrics.udp_datagrams_to_service.add(n as u64);
+    metrics.udp_bytes_to_service.add(bytes as u64);
+}
+
+/// Sends one flow's backlog upstream as its socket drains, in order; only this flow waits.
+async fn writer(
+    upstream: Arc<UdpSocket>,
+    mut queued: mpsc::Receiver<Vec<u8>>,
+    pending: Arc<Pending>,
+    shared: Arc<FlowShared>,
+    metrics: Arc<ServiceMetrics>,
+    service: String,
+    client: SocketAddr,
+) {
+    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
+    loop {
+        if queued.recv_many(&mut batch, BATCH).await == 0 {
+            return;
+        }
+        let mut at = 0;
+        while at < batch.len() {
+            if upstream.writable().await.is_err() {
+                return;
+            }
+            let refs: Vec<&[u8]> = batch[at..].iter().map(Vec::as_slice).collect();
+            let r = send_now(&upstream, &refs, &service, client, |_| {
+                metrics.drop_one(DropReason::UdpUpstreamSend)
+            });
+            count_to_service(&shared, &metrics, r.datagrams, r.bytes);
+            let n = r.consumed;
+            let done = &batch[at..at + n];
+            pending
+                .bytes
+                .fetch_sub(done.iter().map(|d| d.len() as u64).sum(), Ordering::AcqRel);
+            pending.datagrams.fetch_sub(n as u64, Ordering::AcqRel);
+            at += n;
+        }
+        batch.clear();
     }
 }
 
