@@ -52,6 +52,12 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1)]
     tcp: usize,
 
+    /// Idle TCP connections besides: each is opened at the start (all at once), makes one
+    /// verified echo request, stays silent until the end of the run, then makes one more (a
+    /// service with many quiet clients, each still checked after whatever happened meanwhile).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    idle: usize,
+
     /// Number of QUIC connections (one bidirectional stream each).
     #[arg(long, value_name = "M", default_value_t = 0)]
     quic: usize,
@@ -112,6 +118,13 @@ fn secs(name: &str, v: f64) -> Result<Duration> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Thousands of connections need more than the common soft limit of 1024 descriptors.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -151,6 +164,8 @@ fn main() -> ExitCode {
 enum Proto {
     Tcp,
     Quic,
+    /// An idle TCP connection (`--idle`).
+    IdleTcp,
 }
 
 /// Why a connection stopped early.
@@ -223,7 +238,7 @@ impl Failure {
     fn is_reset(&self, proto: Proto) -> bool {
         let Failure::Io(e) = self else { return false };
         match proto {
-            Proto::Tcp => e.kind() == io::ErrorKind::ConnectionReset,
+            Proto::Tcp | Proto::IdleTcp => e.kind() == io::ErrorKind::ConnectionReset,
             Proto::Quic => {
                 let Some(inner) = e.get_ref() else {
                     return false;
@@ -426,6 +441,74 @@ async fn tcp_conn(
         }
         Err(f) => rep.failure = Some(f),
     }
+    rep
+}
+
+/// One idle connection (`--idle`): a verified echo at the start, silence until `stop`, a
+/// verified echo at the end.
+async fn idle_conn(
+    id: usize,
+    target: SocketAddr,
+    cfg: LoopCfg,
+    mut stop: watch::Receiver<bool>,
+) -> ConnReport {
+    let mut rep = ConnReport {
+        proto: Proto::IdleTcp,
+        label: format!("idle#{id}"),
+        requests: 0,
+        bytes: 0,
+        max_stall: Duration::ZERO,
+        hist: new_histogram(),
+        failure: None,
+    };
+    let sock = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            rep.failure = Some(Failure::Connect(e.to_string()));
+            return rep;
+        }
+        Err(_) => {
+            rep.failure = Some(Failure::Connect("timed out".into()));
+            return rep;
+        }
+    };
+    let _ = sock.set_nodelay(true);
+    let (mut r, mut w) = sock.into_split();
+    let mut conn = ClientConn::new();
+    let mut rng = StdRng::from_entropy();
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut once = async |rep: &mut ConnReport| -> Result<(), Failure> {
+        let mut payload = vec![0u8; cfg.payload_bytes];
+        rng.fill_bytes(&mut payload);
+        let req = conn.next_request(Kind::Echo, payload);
+        let mut out = Vec::with_capacity(proto::REQUEST_HEADER_LEN + cfg.payload_bytes);
+        proto::encode_request(&req, &mut out)?;
+        let sent = Instant::now();
+        let reply = tokio::time::timeout(cfg.drain, exchange(&mut r, &mut w, &out, &mut buf))
+            .await
+            .map_err(|_| Failure::NoReply(sent.elapsed()))??;
+        let ReplyOutcome::Echo { bytes } = conn.check_reply(&req, &reply)? else {
+            return Err(Failure::Internal("non-echo outcome for an echo request"));
+        };
+        rep.bytes += bytes as u64;
+        rep.requests += 1;
+        rep.hist.saturating_record(
+            u64::try_from(sent.elapsed().as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
+        Ok(())
+    };
+    if let Err(f) = once(&mut rep).await {
+        rep.failure = Some(f);
+        return rep;
+    }
+    stopped(&mut stop).await;
+    if let Err(f) = once(&mut rep).await {
+        rep.failure = Some(f);
+        return rep;
+    }
+    let _ = w.shutdown().await;
     rep
 }
 
@@ -699,6 +782,8 @@ struct VerifySummary {
 struct Summary {
     tcp: ProtoSummary,
     quic: ProtoSummary,
+    /// The `--idle` connections (stall: not measured, they are silent by design).
+    idle: ProtoSummary,
     state_verifications: VerifySummary,
     /// At most [`MAX_LISTED_ERRORS`] descriptions.
     errors: Vec<String>,
@@ -797,6 +882,11 @@ async fn load(args: &Args) -> Result<bool> {
     // Interleave TCP and QUIC starts, one every --stagger-ms.
     let stagger = Duration::from_millis(args.stagger_ms);
     let mut tasks = Vec::with_capacity(args.tcp + args.quic);
+    let mut idle_tasks = Vec::with_capacity(args.idle);
+    for id in 0..args.idle {
+        let (stop, target) = (stop_rx.clone(), args.target);
+        idle_tasks.push(tokio::spawn(idle_conn(id, target, cfg, stop)));
+    }
     let (mut t, mut q) = (0, 0);
     while t < args.tcp || q < args.quic {
         for proto in [Proto::Tcp, Proto::Quic] {
@@ -829,10 +919,10 @@ async fn load(args: &Args) -> Result<bool> {
         }
     }
 
-    let mut reports = Vec::with_capacity(tasks.len());
+    let mut reports = Vec::with_capacity(tasks.len() + idle_tasks.len());
     let mut errors = Vec::new();
     let mut task_failures = 0usize;
-    for task in tasks {
+    for task in tasks.into_iter().chain(idle_tasks) {
         match task.await {
             Ok(r) => reports.push(r),
             Err(e) => {
@@ -865,16 +955,20 @@ async fn load(args: &Args) -> Result<bool> {
 
     let tcp = summarize(Proto::Tcp, &reports);
     let quic = summarize(Proto::Quic, &reports);
+    let idle = summarize(Proto::IdleTcp, &reports);
     let ok = tcp.errors == 0
         && quic.errors == 0
+        && idle.errors == 0
         && tcp.connections == args.tcp
         && quic.connections == args.quic
+        && idle.connections == args.idle
         && task_failures == 0
         && verify.failed == 0
         && verify.connection_error.is_none();
     let summary = Summary {
         tcp,
         quic,
+        idle,
         state_verifications: VerifySummary {
             ok: verify.ok,
             failed: verify.failed,

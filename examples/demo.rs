@@ -32,7 +32,8 @@ struct Args {
     /// Rate of the src-dst link in Mbit/s (tbf); 0 for unlimited.
     #[arg(long, default_value_t = 1000)]
     link_mbit: u64,
-    /// Number of moves (alternating src -> dst -> src ...).
+    /// Number of moves (alternating src -> dst -> src ..., each from where the service runs: a
+    /// failed move leaves it where it was, and the next one starts from there).
     #[arg(long, default_value_t = 2)]
     moves: u32,
     /// Send all memory while frozen instead of pre-copying.
@@ -130,11 +131,13 @@ fn main() -> anyhow::Result<()> {
     let mut failures = 0;
     let via_proxy = s.proxy_addr();
     let service = s.service_addr();
-    for i in 0..args.moves {
-        let (from, to) = if i % 2 == 0 {
-            (Host::Src, Host::Dst)
+    for _ in 0..args.moves {
+        // From wherever the service runs now: after a failed move that is where it was.
+        let from = s.location();
+        let to = if from == Host::Src {
+            Host::Dst
         } else {
-            (Host::Dst, Host::Src)
+            Host::Src
         };
         let predicted = if args.no_plan {
             None
@@ -164,6 +167,15 @@ fn main() -> anyhow::Result<()> {
             _ => {
                 println!("{from} -> {to}: FAILED: {}", run.stderr.trim());
                 failures += 1;
+                match s.relocate() {
+                    Ok((host, pid)) => println!(
+                        "  the service runs on {host} (pid {pid}); the next move starts from there"
+                    ),
+                    Err(e) => {
+                        println!("  cannot tell where the service runs ({e:#}); no more moves");
+                        break;
+                    }
+                }
                 continue;
             }
         };

@@ -68,6 +68,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // Before anything opens a descriptor of its own.
     let closed = close_inherited_fds();
+    // Thousands of connections need more than the common soft limit of 1024 descriptors.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
 
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

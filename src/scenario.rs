@@ -556,6 +556,26 @@ impl Scenario {
         self.pid = pid;
     }
 
+    /// Finds where the service runs after a migration that did not commit (rolled back, restored
+    /// on the source from its image set: a new pid) and adopts it: the one copy of the service
+    /// that is not stopped. Errors if there is none, or more than one.
+    pub fn relocate(&mut self) -> anyhow::Result<(Host, u32)> {
+        let running: Vec<(Host, u32)> = self
+            .service_copies()
+            .into_iter()
+            .filter(|(_, _, state)| *state != 'T' && *state != 't')
+            .map(|(h, p, _)| (h, p))
+            .collect();
+        match running.as_slice() {
+            [(host, pid)] => {
+                self.adopt(*host, *pid);
+                Ok((*host, *pid))
+            }
+            [] => bail!("no running copy of the service"),
+            more => bail!("{} running copies of the service: {more:?}", more.len()),
+        }
+    }
+
     /// Whether the service's current process is alive.
     pub fn service_alive(&self) -> bool {
         Path::new(&format!("/proc/{}", self.pid)).exists()
@@ -691,7 +711,7 @@ impl ClientRun {
 }
 
 /// Per-protocol figures of a load client's report.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct ProtoReport {
     /// Connections opened.
     pub connections: u64,
@@ -725,6 +745,9 @@ pub struct ClientReport {
     pub tcp: ProtoReport,
     /// QUIC figures.
     pub quic: ProtoReport,
+    /// Idle TCP connections (`--idle`).
+    #[serde(default)]
+    pub idle: ProtoReport,
     /// Periodic state verifications.
     pub state_verifications: VerifyReport,
     /// The first errors, described.

@@ -225,6 +225,13 @@ fn rollback_when_the_restore_fails() {
     assert_eq!(s.location(), Host::Src);
     assert_eq!(s.pid(), pid);
     assert!(s.service_alive());
+    // What the demo does after a failed move: find the one running copy.
+    assert_eq!(s.relocate().expect("one running copy"), (Host::Src, pid));
+    // No lock is left on the source (the rolled-back service must be reachable).
+    assert_eq!(
+        s.nft_tables(Host::Src).expect("tables"),
+        Vec::<String>::new()
+    );
     let r = clients.finish().expect("client report");
     assert_clean(&r, "failed restore");
     s.verify_state().expect("state verifies after the rollback");
