@@ -765,6 +765,9 @@ struct ProtoSummary {
     /// Longest gap between consecutive good replies (or first send and first reply, or the last
     /// good reply and a failure) over all connections.
     max_stall_ms: f64,
+    /// The median and 99th percentile, over the connections, of each connection's longest gap.
+    stall_p50_ms: f64,
+    stall_p99_ms: f64,
     latency_us: Latency,
 }
 
@@ -803,6 +806,18 @@ fn summarize(proto: Proto, reports: &[ConnReport]) -> ProtoSummary {
         }
     }
     let max_stall = mine.iter().map(|r| r.max_stall).max().unwrap_or_default();
+    let mut stalls: Vec<f64> = mine
+        .iter()
+        .map(|r| r.max_stall.as_micros() as f64 / 1000.0)
+        .collect();
+    stalls.sort_by(f64::total_cmp);
+    let pct = |q: f64| -> f64 {
+        if stalls.is_empty() {
+            return 0.0;
+        }
+        let i = ((stalls.len() as f64 * q).ceil() as usize).clamp(1, stalls.len()) - 1;
+        stalls[i]
+    };
     let errors = mine.iter().filter(|r| r.failure.is_some()).count();
     ProtoSummary {
         connections: mine.len(),
@@ -815,6 +830,8 @@ fn summarize(proto: Proto, reports: &[ConnReport]) -> ProtoSummary {
             .filter(|r| r.failure.as_ref().is_some_and(|f| f.is_reset(proto)))
             .count(),
         max_stall_ms: max_stall.as_micros() as f64 / 1000.0,
+        stall_p50_ms: pct(0.50),
+        stall_p99_ms: pct(0.99),
         latency_us: Latency {
             p50: hist.value_at_quantile(0.50),
             p99: hist.value_at_quantile(0.99),

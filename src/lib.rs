@@ -2,5 +2,6 @@
 //! the benchmarks: the network-namespace test bed and the example workload's wire protocol.
 
 pub mod scenario;
+pub mod soak;
 pub mod testbed;
 pub mod workload;

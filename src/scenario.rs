@@ -119,6 +119,41 @@ pub struct Scenario {
     full_restore: Vec<Host>,
 }
 
+/// A process's resident memory and CPU time (from `/proc`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessUsage {
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+    /// User and system CPU time, seconds.
+    pub cpu_s: f64,
+}
+
+impl ProcessUsage {
+    /// The figures of process `pid`, if it exists.
+    pub fn of(pid: u32) -> Option<ProcessUsage> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+        // stime 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .filter(|h| *h > 0)
+            .unwrap_or(100) as f64;
+        Some(ProcessUsage {
+            rss_kib,
+            cpu_s: ticks as f64 / hz,
+        })
+    }
+}
+
 /// What `tether migrate` did.
 #[derive(Debug)]
 pub struct MigrateRun {
@@ -576,6 +611,11 @@ impl Scenario {
         }
     }
 
+    /// The proxy's resident memory and CPU time so far, if it runs.
+    pub fn proxy_usage(&self) -> Option<ProcessUsage> {
+        ProcessUsage::of(self.proxy.as_ref()?.pid())
+    }
+
     /// Whether the service's current process is alive.
     pub fn service_alive(&self) -> bool {
         Path::new(&format!("/proc/{}", self.pid)).exists()
@@ -727,6 +767,12 @@ pub struct ProtoReport {
     pub resets: u64,
     /// Longest time without a reply on any connection, ms.
     pub max_stall_ms: f64,
+    /// Median over the connections of each one's longest time without a reply, ms.
+    #[serde(default)]
+    pub stall_p50_ms: f64,
+    /// 99th percentile of the same, ms.
+    #[serde(default)]
+    pub stall_p99_ms: f64,
 }
 
 /// Periodic state verification results.

@@ -1,0 +1,307 @@
+//! The soak: the example service moves src -> dst -> src ... many times behind the proxy while
+//! load clients (through the proxy and direct) verify every reply byte for byte. Each move has
+//! its own client runs, opened before it and verified through it; per move it reports the
+//! downtime, the proxy's pause (quiesce, hold), the clients' stalls (p50, p99 and max over the
+//! connections of each one's longest wait) and the proxy's memory and CPU. Shared by
+//! `examples/soak.rs` (the benchmark) and `tests/soak.rs` (a small version in CI).
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::scenario::{
+    Binaries, ClientReport, ProcessUsage, ProtoReport, Scenario, ScenarioConfig,
+};
+use crate::testbed::Host;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct SoakConfig {
+    /// TCP connections per path (through the proxy, and as many direct).
+    pub tcp: u32,
+    /// QUIC connections per path.
+    pub quic: u32,
+    /// Moves (alternating, each from where the service runs).
+    pub moves: u32,
+    /// The service's memory state, MiB.
+    pub state_mb: u32,
+    /// Pages the service rewrites per second.
+    pub dirty_pages_per_sec: u32,
+    /// src-dst link rate, Mbit/s (0: unlimited).
+    pub link_mbit: u64,
+    /// Pause between a reply and the next request of a connection, ms.
+    pub interval_ms: u64,
+}
+
+/// Stalls of one path and protocol in one move, ms.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Stalls {
+    /// Median over the connections of each one's longest wait.
+    pub p50: f64,
+    /// 99th percentile of the same.
+    pub p99: f64,
+    /// The longest.
+    pub max: f64,
+}
+
+impl From<&ProtoReport> for Stalls {
+    fn from(p: &ProtoReport) -> Stalls {
+        Stalls {
+            p50: p.stall_p50_ms,
+            p99: p.stall_p99_ms,
+            max: p.max_stall_ms,
+        }
+    }
+}
+
+/// One move.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveRow {
+    /// `src -> dst` or the other way.
+    pub direction: String,
+    /// Whether it committed.
+    pub committed: bool,
+    /// Why not, if it did not.
+    pub error: Option<String>,
+    /// The source's downtime, ms.
+    pub downtime_ms: f64,
+    /// CRIU's dump (freeze to images complete), ms.
+    pub dump_ms: f64,
+    /// The destination's restore, ms.
+    pub restore_ms: f64,
+    /// Until every flow was quiet at the pause, ms.
+    pub quiesce_ms: f64,
+    /// From the pause to the resume, ms.
+    pub held_ms: f64,
+    /// Flows the proxy paused (TCP, UDP).
+    pub paused_flows: (u64, u64),
+    /// Through the proxy: TCP, QUIC.
+    pub proxy: (Stalls, Stalls),
+    /// Direct: TCP, QUIC.
+    pub direct: (Stalls, Stalls),
+    /// Resets, connection errors or failed verifications seen by the clients.
+    pub client_errors: u64,
+    /// The proxy's resident memory after the move, MiB.
+    pub proxy_rss_mib: f64,
+    /// The proxy's CPU time during the move's client run, s.
+    pub proxy_cpu_s: f64,
+    /// The service's memory state verified after the move.
+    pub state_ok: bool,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakSummary {
+    /// Per move.
+    pub moves: Vec<MoveRow>,
+    /// Moves that committed.
+    pub committed: u32,
+    /// Client errors over all moves (resets, lost, duplicated, reordered or corrupted bytes,
+    /// failed state verifications).
+    pub client_errors: u64,
+    /// Datagrams the proxy dropped over the run (any reason).
+    pub proxy_dropped_datagrams: u64,
+}
+
+fn errors(r: &ClientReport) -> u64 {
+    [&r.tcp, &r.quic]
+        .iter()
+        .map(|p| p.errors + p.resets + (p.connections - p.ok_connections.min(p.connections)))
+        .sum::<u64>()
+        + r.state_verifications.failed
+        + u64::from(!r.ok)
+}
+
+/// Runs the soak, writing a row per move to `out` as it goes.
+pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Result<SoakSummary> {
+    let sc = ScenarioConfig {
+        link_rate: (cfg.link_mbit > 0).then_some(cfg.link_mbit * 1_000_000),
+        state_mb: cfg.state_mb,
+        dirty_pages_per_sec: cfg.dirty_pages_per_sec,
+        proxy: true,
+        full_restore_on: Vec::new(),
+        proxy_max_hold_ms: None,
+    };
+    let mut s = Scenario::start(bins, &sc).context("starting the test bed")?;
+    writeln!(
+        out,
+        "{:<11} {:>4} {:>9} {:>7} {:>8} {:>8} {:>8} {:>23} {:>23} {:>23} {:>23} {:>6} {:>7} {:>6}",
+        "move",
+        "ok",
+        "downtime",
+        "dump",
+        "quiesce",
+        "held",
+        "flows",
+        "proxy tcp stall",
+        "proxy quic stall",
+        "direct tcp stall",
+        "direct quic stall",
+        "errors",
+        "rss",
+        "cpu"
+    )?;
+    writeln!(
+        out,
+        "{:<11} {:>4} {:>9} {:>7} {:>8} {:>8} {:>8} {:>23} {:>23} {:>23} {:>23} {:>6} {:>7} {:>6}",
+        "",
+        "",
+        "ms",
+        "ms",
+        "ms",
+        "ms",
+        "tcp/udp",
+        "p50/p99/max ms",
+        "p50/p99/max ms",
+        "p50/p99/max ms",
+        "p50/p99/max ms",
+        "",
+        "MiB",
+        "s"
+    )?;
+    let via_proxy = s.proxy_addr();
+    let service = s.service_addr();
+    let interval = cfg.interval_ms.to_string();
+    let extra = ["--interval-ms", interval.as_str(), "--stagger-ms", "1"];
+    let mut rows = Vec::new();
+    let dropped_before = proxy_dropped(&s);
+    for _ in 0..cfg.moves {
+        let from = s.location();
+        let to = if from == Host::Src {
+            Host::Dst
+        } else {
+            Host::Src
+        };
+        // Long enough for every connection to open (staggered by 1 ms) before the move.
+        let open = Duration::from_millis(u64::from(cfg.tcp + cfg.quic) + 1500);
+        let secs = open + Duration::from_secs(6);
+        let cpu0 = s.proxy_usage().map_or(0.0, |u| u.cpu_s);
+        let proxied = s.start_clients_to(via_proxy, cfg.tcp, cfg.quic, secs, None, &extra)?;
+        let direct = s.start_clients_to(service, cfg.tcp, cfg.quic, secs, None, &extra)?;
+        std::thread::sleep(open);
+        let args = s.proxy_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = s.migrate_with(to, None, &args)?;
+        let p = proxied.finish()?;
+        let d = direct.finish()?;
+        let usage = s.proxy_usage().unwrap_or(ProcessUsage {
+            rss_kib: 0,
+            cpu_s: cpu0,
+        });
+        let committed = run.success;
+        let error = (!committed).then(|| run.stderr.trim().to_string());
+        if !committed {
+            s.relocate()
+                .context("after a failed move, where does the service run")?;
+        }
+        let state_ok = s.verify_state().is_ok();
+        let report = run.report;
+        let t = report
+            .as_ref()
+            .map(|r| r.timings.clone())
+            .unwrap_or_default();
+        let px = report
+            .as_ref()
+            .and_then(|r| r.proxy.clone())
+            .unwrap_or_default();
+        let row = MoveRow {
+            direction: format!("{from} -> {to}"),
+            committed,
+            error,
+            downtime_ms: t.downtime_ms,
+            dump_ms: t.dump_ms,
+            restore_ms: t.restore_ms,
+            quiesce_ms: px.quiesce_ms,
+            held_ms: px.held_ms,
+            paused_flows: (px.tcp_flows, px.udp_flows),
+            proxy: ((&p.tcp).into(), (&p.quic).into()),
+            direct: ((&d.tcp).into(), (&d.quic).into()),
+            client_errors: errors(&p) + errors(&d),
+            proxy_rss_mib: usage.rss_kib as f64 / 1024.0,
+            proxy_cpu_s: usage.cpu_s - cpu0,
+            state_ok,
+        };
+        let st = |x: Stalls| format!("{:.0}/{:.0}/{:.0}", x.p50, x.p99, x.max);
+        writeln!(
+            out,
+            "{:<11} {:>4} {:>9.1} {:>7.1} {:>8.1} {:>8.1} {:>8} {:>23} {:>23} {:>23} {:>23} {:>6} {:>7.1} {:>6.2}",
+            row.direction,
+            if committed { "yes" } else { "NO" },
+            row.downtime_ms,
+            row.dump_ms,
+            row.quiesce_ms,
+            row.held_ms,
+            format!("{}/{}", row.paused_flows.0, row.paused_flows.1),
+            st(row.proxy.0),
+            st(row.proxy.1),
+            st(row.direct.0),
+            st(row.direct.1),
+            row.client_errors,
+            row.proxy_rss_mib,
+            row.proxy_cpu_s
+        )?;
+        if let Some(e) = &row.error {
+            writeln!(out, "    failed: {e}")?;
+        }
+        for e in p.errors.iter().chain(&d.errors).take(5) {
+            writeln!(out, "    client: {e}")?;
+        }
+        if !state_ok {
+            writeln!(out, "    the service's memory state did not verify")?;
+        }
+        rows.push(row);
+    }
+    let proxy_dropped_datagrams = proxy_dropped(&s).saturating_sub(dropped_before);
+    let summary = SoakSummary {
+        committed: rows.iter().filter(|r| r.committed).count() as u32,
+        client_errors: rows.iter().map(|r| r.client_errors).sum::<u64>()
+            + rows.iter().filter(|r| !r.state_ok).count() as u64,
+        proxy_dropped_datagrams,
+        moves: rows,
+    };
+    writeln!(
+        out,
+        "\n{}/{} moves committed; {} client errors (resets, lost/duplicated/reordered/corrupted \
+         bytes, lost connections, failed state checks); {} datagrams dropped by the proxy.\n\
+         stall: per connection, its longest wait for a reply (the pause between requests \
+         included); p50/p99/max over the connections of the move's client run. held: the \
+         proxy's pause to resume; quiesce: until no byte toward the service was unacknowledged. \
+         rss: the proxy's resident memory after the move; cpu: its CPU time during the run.",
+        summary.committed, cfg.moves, summary.client_errors, summary.proxy_dropped_datagrams
+    )?;
+    Ok(summary)
+}
+
+/// The proxy's dropped-datagram counter (all reasons), from its control socket.
+fn proxy_dropped(s: &Scenario) -> u64 {
+    let out = s
+        .topo
+        .command(Host::Proxy, s.tether())
+        .args(["proxyctl", "--control"])
+        .arg(s.proxy_socket())
+        .arg("status")
+        .output();
+    let Ok(out) = out else { return 0 };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return 0;
+    };
+    // Every service's drop counters, whatever their reason.
+    fn sum_drops(v: &serde_json::Value) -> u64 {
+        match v {
+            serde_json::Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| match (k.as_str(), v) {
+                    ("drops", serde_json::Value::Object(d)) => {
+                        d.values().filter_map(serde_json::Value::as_u64).sum()
+                    }
+                    _ => sum_drops(v),
+                })
+                .sum(),
+            serde_json::Value::Array(a) => a.iter().map(sum_drops).sum(),
+            _ => 0,
+        }
+    }
+    sum_drops(&v)
+}
