@@ -377,6 +377,7 @@ mod tests {
             frozen_transfer_mib_s: Some(400.0),
             setup_ms: 75.0,
             link_mbit: None,
+            frozen_per_socket_ms: None,
         };
         let bw = 12.5e6;
         let samples = synthetic(&truth, bw);

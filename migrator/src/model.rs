@@ -87,6 +87,9 @@ pub struct HostCosts {
     /// `F`: throughput of the frozen path's processing of the bytes sent while frozen, bytes/s
     /// (`f64::INFINITY`: free).
     pub frozen_transfer_throughput: f64,
+    /// `K`: the frozen phase's cost per socket of the tree (CRIU dumps each with its queues and
+    /// TCP repair state, and restores it).
+    pub frozen_per_socket: Duration,
     /// `T_setup`: what a migration costs outside its rounds and downtime.
     pub setup: Duration,
 }
@@ -101,7 +104,23 @@ impl HostCosts {
             frozen_fixed: Duration::ZERO,
             frozen_throughput: f64::INFINITY,
             frozen_transfer_throughput: f64::INFINITY,
+            frozen_per_socket: Duration::ZERO,
             setup: Duration::ZERO,
+        }
+    }
+
+    /// `K n`: the frozen phase's cost of `sockets` sockets.
+    pub fn socket_cost(&self, sockets: u64) -> Duration {
+        self.frozen_per_socket
+            .saturating_mul(u32::try_from(sockets).unwrap_or(u32::MAX))
+    }
+
+    /// These terms for a tree of `sockets` sockets, their cost folded into the fixed cost `C`
+    /// (what a live policy weighs: the tree's sockets are known before pre-copy starts).
+    pub fn with_sockets(&self, sockets: u64) -> HostCosts {
+        HostCosts {
+            frozen_fixed: self.frozen_fixed.saturating_add(self.socket_cost(sockets)),
+            ..self.clone()
         }
     }
 
@@ -155,6 +174,8 @@ pub struct Params {
     pub bandwidth: f64,
     /// `W`: the working set the dirty pages are drawn from, bytes; `None` for the whole state.
     pub working_set_bytes: Option<u64>,
+    /// `n`: the tree's sockets.
+    pub sockets: u64,
     /// The host's terms.
     pub costs: HostCosts,
 }
@@ -170,6 +191,7 @@ impl Params {
             page_size: PAGE_SIZE,
             bandwidth,
             working_set_bytes: None,
+            sockets: 0,
             costs: HostCosts::free(),
         }
     }
@@ -235,9 +257,12 @@ impl Params {
         }
     }
 
-    /// The part of the pre-copy downtime that does not depend on the final difference.
+    /// The part of the pre-copy downtime that does not depend on the final difference:
+    /// `C + K n + M / D + M / S`.
     pub fn stop_cost(&self) -> Duration {
-        self.costs.frozen_cost(self.state_bytes)
+        self.costs
+            .frozen_cost(self.state_bytes)
+            .saturating_add(self.costs.socket_cost(self.sockets))
     }
 
     /// Updates the parameters from a measured round. `weight` in (0, 1] is the weight of the new
@@ -367,6 +392,33 @@ mod tests {
             + Duration::from_secs_f64(512.0 * MIB as f64 / 2e9);
         assert!(close(c.frozen_cost(512 * MIB), expected));
         assert_eq!(HostCosts::free().frozen_cost(512 * MIB), Duration::ZERO);
+    }
+
+    #[test]
+    fn sockets_add_k_per_socket_to_the_frozen_phase() {
+        let c = HostCosts {
+            frozen_fixed: Duration::from_millis(100),
+            frozen_per_socket: Duration::from_micros(100),
+            ..HostCosts::free()
+        };
+        assert_eq!(c.socket_cost(10_000), Duration::from_secs(1));
+        assert_eq!(
+            c.with_sockets(10_000).frozen_fixed,
+            Duration::from_millis(1100)
+        );
+        let p = Params {
+            costs: c.clone(),
+            sockets: 1000,
+            ..Params::new(64 * MIB, 0.0, 1e8)
+        };
+        assert_eq!(p.stop_cost(), Duration::from_millis(200));
+        // Folded or not, the same cost.
+        let folded = Params {
+            costs: c.with_sockets(1000),
+            sockets: 0,
+            ..p.clone()
+        };
+        assert_eq!(folded.stop_cost(), p.stop_cost());
     }
 
     #[test]

@@ -150,6 +150,7 @@ pub fn stop_and_copy(params: &Params) -> Result<Prediction, PlanError> {
     let c = &params.costs;
     let downtime = c
         .frozen_fixed
+        .saturating_add(c.socket_cost(params.sockets))
         .saturating_add(secs(params.state_bytes as f64 / c.frozen_throughput))
         .saturating_add(downtime_transfer);
     Ok(Prediction {
@@ -212,6 +213,9 @@ pub struct PlanInputs {
     pub state_bytes: u64,
     /// Dirty rate, pages/s.
     pub dirty_rate: f64,
+    /// The tree's sockets.
+    #[serde(default)]
+    pub sockets: u64,
     /// Link bandwidth, bytes/s.
     pub bandwidth: f64,
     /// The downtime limit, ms.
@@ -270,6 +274,7 @@ impl Plan {
             inputs: PlanInputs {
                 state_bytes: params.state_bytes,
                 dirty_rate: params.dirty_rate,
+                sockets: params.sockets,
                 bandwidth: params.bandwidth,
                 downtime_limit_ms: ms(limit),
                 auto_converge: config.auto_converge,

@@ -177,6 +177,34 @@ pub fn tree(root: i32) -> Result<Vec<ProcId>, MemError> {
     Ok(out)
 }
 
+/// The sockets the tree rooted at `root` holds: distinct socket inodes among its processes'
+/// descriptors (what CRIU dumps one by one). Descriptors that close during the walk are left
+/// out.
+pub fn tree_sockets(root: i32) -> Result<u64, MemError> {
+    let mut inodes = HashSet::new();
+    for p in tree(root)? {
+        let dir = format!("/proc/{}/fd", p.host);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(d) => d,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(proc_err(dir, e)),
+        };
+        for e in entries.flatten() {
+            if let Ok(target) = std::fs::read_link(e.path()) {
+                if let Some(ino) = target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    inodes.insert(ino);
+                }
+            }
+        }
+    }
+    Ok(inodes.len() as u64)
+}
+
 /// The innermost-namespace pid of `pid`, from `/proc/PID/status`.
 fn ns_pid(pid: i32) -> io::Result<i32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -1673,6 +1701,24 @@ time.sleep(30)
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn tree_sockets_counts_each_socket_of_the_tree_once() {
+        let me = std::process::id() as i32;
+        let before = tree_sockets(me).expect("count");
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        // A duplicated descriptor is the same socket.
+        let _dup = a.try_clone().expect("dup");
+        // Other threads of the test harness may open sockets meanwhile: at least these two.
+        let after = tree_sockets(me).expect("count");
+        assert!(after >= before + 2, "{before} -> {after}");
+        drop((a, b));
+        assert!(matches!(
+            tree_sockets(i32::MAX),
+            Err(MemError::NoProcess { .. })
+        ));
     }
 
     #[test]

@@ -24,6 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::HostCosts;
 
+/// `K` of profiles that do not give it, ms per socket: `scripts/bench-sockets.sh` on the
+/// development VM (release build), dump + restore against the socket count.
+pub const BUILTIN_PER_SOCKET_MS: f64 = 0.1;
+
 /// Where `tether calibrate` writes the profile and the other commands look for it.
 pub const DEFAULT_PATH: &str = "/etc/tether/profile.toml";
 
@@ -79,6 +83,10 @@ pub struct Profile {
     pub frozen_transfer_mib_s: Option<f64>,
     /// `T_setup`: what a migration costs besides its rounds and downtime, ms.
     pub setup_ms: f64,
+    /// `K`: the frozen phase's cost per socket of the tree, ms (absent: the built-in value;
+    /// measured by `scripts/bench-sockets.sh`, not by `tether calibrate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_per_socket_ms: Option<f64>,
     /// The link rate of the host pair the profile was calibrated on, Mbit/s: the bandwidth
     /// `tether plan` and `tether migrate`'s prediction assume when none is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +109,7 @@ impl Default for Profile {
             frozen_mib_s: 1111.0,
             frozen_transfer_mib_s: Some(570.0),
             setup_ms: 59.0,
+            frozen_per_socket_ms: Some(BUILTIN_PER_SOCKET_MS),
             link_mbit: None,
         }
     }
@@ -129,6 +138,9 @@ impl Profile {
         non_negative("round_overhead_ms", self.round_overhead_ms)?;
         non_negative("frozen_fixed_ms", self.frozen_fixed_ms)?;
         non_negative("setup_ms", self.setup_ms)?;
+        if let Some(k) = self.frozen_per_socket_ms {
+            non_negative("frozen_per_socket_ms", k)?;
+        }
         if let Some(l) = self.link_mbit {
             positive("link_mbit", l)?;
         }
@@ -154,6 +166,7 @@ impl Profile {
             frozen_transfer_throughput: self
                 .frozen_transfer_mib_s
                 .map_or(f64::INFINITY, |f| f * MIB),
+            frozen_per_socket: ms(self.frozen_per_socket_ms.unwrap_or(BUILTIN_PER_SOCKET_MS)),
             setup: ms(self.setup_ms),
         }
     }
@@ -179,7 +192,7 @@ impl Profile {
              processing_factor = {:.4}   # rho: protocol and CPU cost on top of the link\n\
              frozen_fixed_ms = {:.2}     # C: frozen phase of a minimal process\n\
              frozen_mib_s = {:.1}        # D: memory-proportional part of the frozen phase\n\
-             setup_ms = {:.2}            # T_setup: the rest of a migration\n{}{}",
+             setup_ms = {:.2}            # T_setup: the rest of a migration\n{}{}{}",
             self.source,
             self.scan_mib_s,
             self.round_overhead_ms,
@@ -195,6 +208,11 @@ impl Profile {
             self.link_mbit
                 .map(|l| format!(
                     "link_mbit = {l:.1}           # the pair's link when calibrated\n"
+                ))
+                .unwrap_or_default(),
+            self.frozen_per_socket_ms
+                .map(|k| format!(
+                    "frozen_per_socket_ms = {k:.4}  # K: frozen phase per socket of the tree\n"
                 ))
                 .unwrap_or_default()
         )
@@ -267,11 +285,21 @@ mod tests {
             frozen_transfer_mib_s: Some(600.0),
             setup_ms: 50.0,
             link_mbit: Some(100.0),
+            frozen_per_socket_ms: Some(0.125),
         };
         let back = Profile::from_toml(&p.to_toml(), "t").expect("valid");
         assert_eq!(back, p);
         let c = back.costs();
         assert_eq!(c.frozen_fixed, Duration::from_micros(99_500));
+        assert_eq!(c.frozen_per_socket, Duration::from_micros(125));
+        // A profile without K (older ones) takes the built-in value.
+        let old = Profile {
+            frozen_per_socket_ms: None,
+            ..p
+        };
+        let back = Profile::from_toml(&old.to_toml(), "t").expect("valid");
+        assert_eq!(back.frozen_per_socket_ms, None);
+        assert_eq!(back.costs().frozen_per_socket, ms(BUILTIN_PER_SOCKET_MS));
         assert_eq!(c.scan_throughput, 1234.5 * MIB);
         assert!(Profile::default().validate().is_ok());
     }

@@ -84,8 +84,11 @@ pub fn live_plan(i: &LiveInputs<'_>) -> anyhow::Result<Plan> {
     let bw = bandwidth(i.bandwidth_bits, i.profile)?;
     let rate = tether_migrator::procmem::measure_dirty_rate(i.pid, i.window)
         .with_context(|| format!("measuring the state and dirty rate of pid {}", i.pid))?;
+    let sockets = tether_migrator::procmem::tree_sockets(i.pid)
+        .with_context(|| format!("counting the sockets of pid {}", i.pid))?;
     let params = Params {
         costs: i.profile.costs(),
+        sockets,
         ..Params::new(rate.pages_scanned * PAGE_SIZE, rate.pages_per_sec, bw)
     };
     Ok(Plan::new(

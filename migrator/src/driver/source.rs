@@ -353,6 +353,11 @@ async fn migrate_inner(
         );
     }
 
+    // The frozen phase grows with the tree's sockets (`K n`): known before pre-copy starts.
+    let sockets = crate::procmem::tree_sockets(opts.pid).unwrap_or_else(|e| {
+        warn!("cannot count the service's sockets ({e}); the policy assumes none");
+        0
+    });
     let cfg = SourceConfig {
         id: id.clone(),
         service_addr: svc,
@@ -361,7 +366,7 @@ async fn migrate_inner(
         precopy: opts
             .precopy
             .as_ref()
-            .map(|pc| pc.policy(opts.costs.clone())),
+            .map(|pc| pc.policy(opts.costs.with_sockets(sockets))),
         gate: opts.proxy.as_ref().map(|p| GateConfig {
             redirect: p.redirect.is_some(),
         }),
