@@ -768,6 +768,12 @@ struct ProtoSummary {
     /// The median and 99th percentile, over the connections, of each connection's longest gap.
     stall_p50_ms: f64,
     stall_p99_ms: f64,
+    /// The longest wait for one reply (request sent to reply verified) over all connections,
+    /// and the median and 99th percentile over the connections of each one's longest: a stall
+    /// without the pause between requests.
+    max_wait_ms: f64,
+    wait_p50_ms: f64,
+    wait_p99_ms: f64,
     latency_us: Latency,
 }
 
@@ -811,13 +817,20 @@ fn summarize(proto: Proto, reports: &[ConnReport]) -> ProtoSummary {
         .map(|r| r.max_stall.as_micros() as f64 / 1000.0)
         .collect();
     stalls.sort_by(f64::total_cmp);
-    let pct = |q: f64| -> f64 {
-        if stalls.is_empty() {
+    let mut waits: Vec<f64> = mine
+        .iter()
+        .filter(|r| r.requests > 0)
+        .map(|r| r.hist.max() as f64 / 1000.0)
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    let at = |v: &[f64], q: f64| -> f64 {
+        if v.is_empty() {
             return 0.0;
         }
-        let i = ((stalls.len() as f64 * q).ceil() as usize).clamp(1, stalls.len()) - 1;
-        stalls[i]
+        let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i]
     };
+    let pct = |q: f64| at(&stalls, q);
     let errors = mine.iter().filter(|r| r.failure.is_some()).count();
     ProtoSummary {
         connections: mine.len(),
@@ -832,6 +845,9 @@ fn summarize(proto: Proto, reports: &[ConnReport]) -> ProtoSummary {
         max_stall_ms: max_stall.as_micros() as f64 / 1000.0,
         stall_p50_ms: pct(0.50),
         stall_p99_ms: pct(0.99),
+        max_wait_ms: waits.last().copied().unwrap_or(0.0),
+        wait_p50_ms: at(&waits, 0.50),
+        wait_p99_ms: at(&waits, 0.99),
         latency_us: Latency {
             p50: hist.value_at_quantile(0.50),
             p99: hist.value_at_quantile(0.99),

@@ -727,6 +727,18 @@ pub struct ClientRun {
 }
 
 impl ClientRun {
+    /// Ends the run now (SIGTERM: the client stops its connections, waits for replies in flight
+    /// and writes its report) and returns the report.
+    pub fn stop(mut self) -> anyhow::Result<ClientReport> {
+        if let Some(p) = &self.proc {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(p.pid()).context("client pid")?);
+            // Ours, by pid, and still running (finish has not reaped it).
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            self.deadline = self.deadline.min(Instant::now() + Duration::from_secs(40));
+        }
+        self.finish()
+    }
+
     /// Waits for the client to finish its run and returns its report.
     pub fn finish(mut self) -> anyhow::Result<ClientReport> {
         let mut proc = self.proc.take().context("client already finished")?;
@@ -773,6 +785,16 @@ pub struct ProtoReport {
     /// 99th percentile of the same, ms.
     #[serde(default)]
     pub stall_p99_ms: f64,
+    /// Longest wait for one reply (request to verified reply) on any connection, ms: a stall
+    /// without the pause between requests.
+    #[serde(default)]
+    pub max_wait_ms: f64,
+    /// Median over the connections of each one's longest wait for a reply, ms.
+    #[serde(default)]
+    pub wait_p50_ms: f64,
+    /// 99th percentile of the same, ms.
+    #[serde(default)]
+    pub wait_p99_ms: f64,
 }
 
 /// Periodic state verification results.

@@ -47,11 +47,14 @@ pub struct Stalls {
 }
 
 impl From<&ProtoReport> for Stalls {
+    /// The longest wait for one reply (request sent to reply verified) per connection: what a
+    /// request caught by the move waited, without the pause between requests that the gap
+    /// between replies also holds.
     fn from(p: &ProtoReport) -> Stalls {
         Stalls {
-            p50: p.stall_p50_ms,
-            p99: p.stall_p99_ms,
-            max: p.max_stall_ms,
+            p50: p.wait_p50_ms,
+            p99: p.wait_p99_ms,
+            max: p.max_wait_ms,
         }
     }
 }
@@ -77,6 +80,11 @@ pub struct MoveRow {
     pub held_ms: f64,
     /// Flows the proxy paused (TCP, UDP).
     pub paused_flows: (u64, u64),
+    /// Datagrams the proxy held and released to the service.
+    pub released_datagrams: u64,
+    /// UDP datagrams the destination's kernel dropped for a full receive buffer during the move
+    /// (`RcvbufErrors`): held datagrams released faster than the service reads them.
+    pub dst_rcvbuf_errors: u64,
     /// Through the proxy: TCP, QUIC.
     pub proxy: (Stalls, Stalls),
     /// Direct: TCP, QUIC.
@@ -165,6 +173,7 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
     let service = s.service_addr();
     let interval = cfg.interval_ms.to_string();
     let extra = ["--interval-ms", interval.as_str(), "--stagger-ms", "1"];
+    // (The gap between replies, which the demo shows, also holds the pause between requests.)
     let mut rows = Vec::new();
     let dropped_before = proxy_dropped(&s);
     for _ in 0..cfg.moves {
@@ -174,18 +183,22 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
         } else {
             Host::Src
         };
-        // Long enough for every connection to open (staggered by 1 ms) before the move.
+        // Long enough for every connection to open (staggered by 1 ms) before the move; the
+        // clients run until the move has ended (however long pre-copy takes), and one second.
         let open = Duration::from_millis(u64::from(cfg.tcp + cfg.quic) + 1500);
-        let secs = open + Duration::from_secs(6);
+        let secs = Duration::from_secs(600);
         let cpu0 = s.proxy_usage().map_or(0.0, |u| u.cpu_s);
+        let rcvbuf0 = rcvbuf_errors(&s, to);
         let proxied = s.start_clients_to(via_proxy, cfg.tcp, cfg.quic, secs, None, &extra)?;
         let direct = s.start_clients_to(service, cfg.tcp, cfg.quic, secs, None, &extra)?;
         std::thread::sleep(open);
         let args = s.proxy_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let run = s.migrate_with(to, None, &args)?;
-        let p = proxied.finish()?;
-        let d = direct.finish()?;
+        std::thread::sleep(Duration::from_secs(1));
+        let p = proxied.stop()?;
+        let d = direct.stop()?;
+        let dst_rcvbuf_errors = rcvbuf_errors(&s, to).saturating_sub(rcvbuf0);
         let usage = s.proxy_usage().unwrap_or(ProcessUsage {
             rss_kib: 0,
             cpu_s: cpu0,
@@ -216,6 +229,8 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
             quiesce_ms: px.quiesce_ms,
             held_ms: px.held_ms,
             paused_flows: (px.tcp_flows, px.udp_flows),
+            released_datagrams: px.released_datagrams,
+            dst_rcvbuf_errors,
             proxy: ((&p.tcp).into(), (&p.quic).into()),
             direct: ((&d.tcp).into(), (&d.quic).into()),
             client_errors: errors(&p) + errors(&d),
@@ -242,6 +257,14 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
             row.proxy_rss_mib,
             row.proxy_cpu_s
         )?;
+        if row.dst_rcvbuf_errors > 0 {
+            writeln!(
+                out,
+                "    {} datagram(s) dropped at {to} for a full receive buffer ({} released by the \
+                 proxy)",
+                row.dst_rcvbuf_errors, row.released_datagrams
+            )?;
+        }
         if let Some(e) = &row.error {
             writeln!(out, "    failed: {e}")?;
         }
@@ -265,13 +288,30 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
         out,
         "\n{}/{} moves committed; {} client errors (resets, lost/duplicated/reordered/corrupted \
          bytes, lost connections, failed state checks); {} datagrams dropped by the proxy.\n\
-         stall: per connection, its longest wait for a reply (the pause between requests \
-         included); p50/p99/max over the connections of the move's client run. held: the \
+         stall: per connection, its longest wait for one reply (request sent to reply \
+         verified); p50/p99/max over the connections of the move's client run. held: the \
          proxy's pause to resume; quiesce: until no byte toward the service was unacknowledged. \
          rss: the proxy's resident memory after the move; cpu: its CPU time during the run.",
         summary.committed, cfg.moves, summary.client_errors, summary.proxy_dropped_datagrams
     )?;
     Ok(summary)
+}
+
+/// `Udp: RcvbufErrors` of a host's network namespace.
+fn rcvbuf_errors(s: &Scenario, host: Host) -> u64 {
+    let Ok(snmp) = s.topo.run(host, &["cat", "/proc/net/snmp"]) else {
+        return 0;
+    };
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The proxy's dropped-datagram counter (all reasons), from its control socket.

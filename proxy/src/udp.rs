@@ -11,8 +11,14 @@
 //!   and counted, existing flows are unaffected. Flows idle (both ways) longer than the idle
 //!   timeout are removed, except while holding.
 //! - While holding, client datagrams go to the [`HoldQueue`] (limits by datagrams, bytes and age,
-//!   per flow and in total, drops counted); a release sends them in arrival order before any
-//!   datagram that arrives later.
+//!   per flow and in total, drops counted). A release sends them, each flow's in order and before
+//!   any datagram of that flow that arrives later, **paced and round-robin across flows**: the
+//!   first held datagram of every flow, then the second of every flow, ..., at most
+//!   [`RELEASE_CHUNK`] per [`RELEASE_TICK`]. Released at once, a pause's worth of datagrams
+//!   (QUIC clients send probe after probe while held: thousands for a few hundred flows)
+//!   overflowed the service's receive buffer, and a flow whose datagrams were all lost there
+//!   waited for its next, backed-off probe: seconds. Round-robin puts every flow's first
+//!   datagram in within milliseconds.
 //! - Redirect re-connects every flow's upstream socket to the new backend (same local port, so
 //!   a QUIC server sees the same peer address) and sends new flows there.
 //! - I/O is batched both ways: up to [`sys::BATCH`] datagrams per `recvmmsg` on the listen
@@ -47,6 +53,12 @@ use crate::sys::{self, RecvMeta, BATCH};
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
+
+/// Most held datagrams released per [`RELEASE_TICK`] (about 300 Mbit/s of 1200-byte datagrams):
+/// a rate a service on a small host reads without its receive buffer overflowing.
+pub(crate) const RELEASE_CHUNK: usize = 32;
+/// The release's pace.
+pub(crate) const RELEASE_TICK: Duration = Duration::from_millis(1);
 
 /// What the coordinator asks of a UDP actor; each command is answered on its channel.
 #[derive(Debug)]
@@ -174,6 +186,8 @@ pub(crate) fn actor(
         ids,
         flows: HashMap::new(),
         holding: false,
+        releasing: std::collections::VecDeque::new(),
+        releasing_per_flow: HashMap::new(),
         queue: HoldQueue::new(limits.hold()),
         epoch: Instant::now(),
         rx,
@@ -191,6 +205,10 @@ struct Actor {
     ids: IdSource,
     flows: HashMap<SocketAddr, Flow>,
     holding: bool,
+    /// Held datagrams being released, in release order (round-robin across flows).
+    releasing: std::collections::VecDeque<(SocketAddr, Vec<u8>)>,
+    /// How many of `releasing` each flow has: its new datagrams queue behind them.
+    releasing_per_flow: HashMap<SocketAddr, usize>,
     queue: HoldQueue<SocketAddr>,
     epoch: Instant,
     rx: mpsc::Receiver<UdpCmd>,
@@ -205,6 +223,8 @@ impl Actor {
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pace = tokio::time::interval(RELEASE_TICK);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -212,6 +232,7 @@ impl Actor {
                     Some(cmd) => self.command(cmd).await,
                     None => break,
                 },
+                _ = pace.tick(), if !self.releasing.is_empty() => self.release_chunk(),
                 r = self.listen.readable() => match r {
                     Ok(()) => self.client_batch(&mut bufs, &mut meta).await,
                     Err(e) => {
@@ -266,11 +287,15 @@ impl Actor {
     async fn command(&mut self, cmd: UdpCmd) {
         match cmd {
             UdpCmd::Hold(tx) => {
+                // A release still under way goes out at once: what is held next queues behind.
+                while !self.releasing.is_empty() {
+                    self.release_chunk();
+                }
                 self.holding = true;
                 let _ = tx.send(());
             }
             UdpCmd::Release(tx) => {
-                let released = self.release().await;
+                let released = self.release();
                 let _ = tx.send(released);
             }
             UdpCmd::Redirect(to, tx) => {
@@ -282,7 +307,8 @@ impl Actor {
                     .flows
                     .iter()
                     .filter_map(|(client, f)| {
-                        let backlog = f.pending.datagrams.load(Ordering::Acquire);
+                        let backlog = f.pending.datagrams.load(Ordering::Acquire)
+                            + self.releasing_per_flow.get(client).copied().unwrap_or(0) as u64;
                         match sys::outq(f.upstream.as_fd()) {
                             Ok(0) if backlog == 0 => None,
                             r => Some(UnquiescedFlow {
@@ -365,7 +391,18 @@ impl Actor {
         if let Some(f) = self.flows.get(&from) {
             f.shared.last_ms.store(now_ms, Ordering::Relaxed);
         }
-        if self.holding {
+        if let Some(n) = self.releasing_per_flow.get_mut(&from) {
+            // Behind the flow's datagrams still being released, within the hold limits.
+            let room = self.limits.hold().flow_datagrams.saturating_sub(*n);
+            *n += datagrams.len().min(room);
+            for (i, data) in datagrams.iter().enumerate() {
+                if i < room {
+                    self.releasing.push_back((from, data.to_vec()));
+                } else {
+                    self.metrics.drop_one(DropReason::HoldFlowDatagrams);
+                }
+            }
+        } else if self.holding {
             self.expire(now);
             for data in datagrams {
                 match self.queue.push(from, data.to_vec(), now) {
@@ -478,41 +515,72 @@ impl Actor {
         self.metrics.held_bytes.add(-(u.bytes as i64));
     }
 
-    async fn release(&mut self) -> Usage {
+    /// Stops holding and starts releasing what is held: each flow's datagrams in their order,
+    /// round-robin across flows (every flow's first, then every flow's second, ...), paced by
+    /// [`release_chunk`](Self::release_chunk). Returns what is to be released.
+    fn release(&mut self) -> Usage {
         self.expire(Instant::now());
-        let mut released = Usage::default();
-        // In arrival order; consecutive datagrams of one flow go out as one batch.
-        let mut run: Vec<Vec<u8>> = Vec::new();
-        let mut run_flow = None;
+        let mut per_flow: HashMap<SocketAddr, std::collections::VecDeque<Vec<u8>>> = HashMap::new();
+        // Flows in the order of their first held datagram.
+        let mut order: Vec<SocketAddr> = Vec::new();
+        let mut total = Usage::default();
+        while let Some(h) = self.queue.pop() {
+            total.datagrams += 1;
+            total.bytes += h.data.len();
+            per_flow
+                .entry(h.flow)
+                .or_insert_with(|| {
+                    order.push(h.flow);
+                    std::collections::VecDeque::new()
+                })
+                .push_back(h.data);
+        }
+        self.account_unheld(total);
         loop {
-            let next = self.queue.pop();
-            let flush = match (&next, run_flow) {
-                (Some(h), Some(f)) => h.flow != f || run.len() == BATCH,
-                (None, Some(_)) => true,
-                (_, None) => false,
-            };
-            if flush {
-                if let Some(f) = run_flow.take() {
-                    let refs: Vec<&[u8]> = run.iter().map(Vec::as_slice).collect();
-                    let sent = self.send(f, &refs);
-                    released.datagrams += sent.datagrams;
-                    released.bytes += sent.bytes;
-                    run.clear();
+            let mut any = false;
+            for flow in &order {
+                if let Some(d) = per_flow.get_mut(flow).and_then(|q| q.pop_front()) {
+                    *self.releasing_per_flow.entry(*flow).or_default() += 1;
+                    self.releasing.push_back((*flow, d));
+                    any = true;
                 }
             }
-            let Some(h) = next else { break };
-            self.account_unheld(Usage {
-                datagrams: 1,
-                bytes: h.data.len(),
-            });
-            run_flow = Some(h.flow);
-            run.push(h.data);
+            if !any {
+                break;
+            }
         }
-        self.metrics
-            .released_datagrams_total
-            .add(released.datagrams as u64);
         self.holding = false;
-        released
+        self.release_chunk();
+        total
+    }
+
+    /// Sends the next [`RELEASE_CHUNK`] datagrams of the release, consecutive ones of a flow as
+    /// one batch.
+    fn release_chunk(&mut self) {
+        let mut sent = 0u64;
+        let mut n = 0;
+        while n < RELEASE_CHUNK {
+            let Some((flow, first)) = self.releasing.pop_front() else {
+                break;
+            };
+            let mut run = vec![first];
+            n += 1;
+            while n < RELEASE_CHUNK && self.releasing.front().is_some_and(|(f, _)| *f == flow) {
+                if let Some((_, d)) = self.releasing.pop_front() {
+                    run.push(d);
+                    n += 1;
+                }
+            }
+            if let Some(c) = self.releasing_per_flow.get_mut(&flow) {
+                *c = c.saturating_sub(run.len());
+                if *c == 0 {
+                    self.releasing_per_flow.remove(&flow);
+                }
+            }
+            let refs: Vec<&[u8]> = run.iter().map(Vec::as_slice).collect();
+            sent += self.send(flow, &refs).datagrams as u64;
+        }
+        self.metrics.released_datagrams_total.add(sent);
     }
 
     async fn redirect(&mut self, to: SocketAddr) -> (u64, u64) {

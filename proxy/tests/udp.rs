@@ -150,7 +150,8 @@ async fn hold_limits_drop_and_count_as_configured() {
     for _ in 0..6 {
         got.push(String::from_utf8(backend_recv(&mut echo.rx).await.1).expect("utf8"));
     }
-    assert_eq!(got, ["a0", "a1", "a2", "a3", "b0", "b1"]);
+    // Round-robin across flows, each flow in its order.
+    assert_eq!(got, ["a0", "b0", "a1", "b1", "a2", "a3"]);
 
     // Total bytes.
     let a = client_socket(p.udp("bytes")).await;
@@ -376,5 +377,61 @@ async fn bursts_from_interleaved_clients_keep_per_flow_order_both_ways_also_when
         DropReason::ALL.iter().map(|r| m.drops(*r)).sum::<u64>(),
         0,
         "nothing dropped"
+    );
+}
+
+/// A release is round-robin across flows and paced: every flow's first held datagram reaches the
+/// service before any flow's second, and 400 held datagrams go out over at least a dozen
+/// milliseconds (32 a millisecond) instead of in one burst that a service's receive buffer
+/// could not take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_is_round_robin_across_flows_and_paced() {
+    let mut echo = udp_echo().await;
+    let mut svc = service("rr", echo.addr);
+    svc.tcp_listen.clear();
+    let p = start(vec![svc]).await;
+    let h = p.proxy.handle();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let s = client_socket(p.udp("rr")).await;
+        s.send(b"hello").await.expect("send");
+        recv(&s).await;
+        backend_recv(&mut echo.rx).await;
+        clients.push(s);
+    }
+    h.pause("rr", None).await.expect("pause");
+    for (c, s) in clients.iter().enumerate() {
+        for i in 0..50 {
+            s.send(format!("{c}:{i}").as_bytes()).await.expect("send");
+        }
+    }
+    let m = h.metrics("rr").expect("metrics");
+    eventually("400 datagrams held", LONG, || m.held_datagrams.get() == 400).await;
+    let t0 = std::time::Instant::now();
+    let r = h.resume("rr").await.expect("resume");
+    assert_eq!(r.released_datagrams, 400);
+    let mut got = Vec::new();
+    for _ in 0..400 {
+        got.push(String::from_utf8(backend_recv(&mut echo.rx).await.1).expect("utf8"));
+    }
+    let took = t0.elapsed();
+    // The first round: datagram 0 of each of the 8 flows.
+    let mut first: Vec<&str> = got[..8]
+        .iter()
+        .map(|d| d.split(':').nth(1).unwrap_or(""))
+        .collect();
+    first.dedup();
+    assert_eq!(first, ["0"], "first round: {:?}", &got[..8]);
+    // Each flow in its order.
+    for c in 0..8 {
+        let mine: Vec<usize> = got
+            .iter()
+            .filter_map(|d| d.strip_prefix(&format!("{c}:"))?.parse().ok())
+            .collect();
+        assert_eq!(mine, (0..50).collect::<Vec<_>>(), "flow {c}");
+    }
+    assert!(
+        took >= Duration::from_millis(11),
+        "400 datagrams released in {took:?}: not paced"
     );
 }
