@@ -25,8 +25,11 @@ use serde::{Deserialize, Serialize};
 use crate::model::HostCosts;
 
 /// `K` of profiles that do not give it, ms per socket: `scripts/bench-sockets.sh` on the
-/// development VM (release build), dump + restore against the socket count.
-pub const BUILTIN_PER_SOCKET_MS: f64 = 0.1;
+/// development VM (release build, 2026-12-03), dump + restore from 109 to 1,009 sockets
+/// (190 -> 307 ms). The cost per socket grows with the count (10,007 sockets: 2,996 ms, 0.29 ms
+/// per socket by least squares over all three), so above a few thousand sockets this
+/// underestimates.
+pub const BUILTIN_PER_SOCKET_MS: f64 = 0.13;
 
 /// Where `tether calibrate` writes the profile and the other commands look for it.
 pub const DEFAULT_PATH: &str = "/etc/tether/profile.toml";
