@@ -41,6 +41,10 @@ struct Args {
     /// saturate them and stall for CPU alone).
     #[arg(long, default_value_t = 50)]
     interval_ms: u64,
+    /// Restore with all memory in place before the service runs (`--lazy-restore never`)
+    /// instead of lazily.
+    #[arg(long)]
+    full_restore: bool,
     /// Also write the run as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         dirty_pages_per_sec: a.dirty_pages_per_sec,
         link_mbit: a.link_mbit,
         interval_ms: a.interval_ms,
+        full_restore: a.full_restore,
     };
     println!(
         "tether soak: {} TCP + {} QUIC clients through the proxy and as many direct, {} moves, \

@@ -33,6 +33,9 @@ pub struct SoakConfig {
     pub link_mbit: u64,
     /// Pause between a reply and the next request of a connection, ms.
     pub interval_ms: u64,
+    /// Restore with all memory in place before the service runs (`--lazy-restore never` on both
+    /// agents) instead of lazily.
+    pub full_restore: bool,
 }
 
 /// Stalls of one path and protocol in one move, ms.
@@ -129,7 +132,11 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
         state_mb: cfg.state_mb,
         dirty_pages_per_sec: cfg.dirty_pages_per_sec,
         proxy: true,
-        full_restore_on: Vec::new(),
+        full_restore_on: if cfg.full_restore {
+            vec![Host::Src, Host::Dst]
+        } else {
+            Vec::new()
+        },
         proxy_max_hold_ms: None,
     };
     let mut s = Scenario::start(bins, &sc).context("starting the test bed")?;
