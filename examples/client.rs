@@ -404,29 +404,40 @@ where
     Ok(())
 }
 
+impl ConnReport {
+    fn new(proto: Proto, label: String) -> ConnReport {
+        ConnReport {
+            proto,
+            label,
+            requests: 0,
+            bytes: 0,
+            max_stall: Duration::ZERO,
+            hist: new_histogram(),
+            failure: None,
+        }
+    }
+}
+
+/// Opens a TCP connection within the configured time.
+async fn connect_tcp(target: SocketAddr, cfg: &LoopCfg) -> Result<TcpStream, Failure> {
+    match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(target)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(Failure::Connect(e.to_string())),
+        Err(_) => Err(Failure::Connect("timed out".into())),
+    }
+}
+
 async fn tcp_conn(
     id: usize,
     target: SocketAddr,
     cfg: LoopCfg,
     mut stop: watch::Receiver<bool>,
 ) -> ConnReport {
-    let mut rep = ConnReport {
-        proto: Proto::Tcp,
-        label: format!("tcp#{id}"),
-        requests: 0,
-        bytes: 0,
-        max_stall: Duration::ZERO,
-        hist: new_histogram(),
-        failure: None,
-    };
-    let sock = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(target)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            rep.failure = Some(Failure::Connect(e.to_string()));
-            return rep;
-        }
-        Err(_) => {
-            rep.failure = Some(Failure::Connect("timed out".into()));
+    let mut rep = ConnReport::new(Proto::Tcp, format!("tcp#{id}"));
+    let sock = match connect_tcp(target, &cfg).await {
+        Ok(s) => s,
+        Err(f) => {
+            rep.failure = Some(f);
             return rep;
         }
     };
@@ -452,23 +463,11 @@ async fn idle_conn(
     cfg: LoopCfg,
     mut stop: watch::Receiver<bool>,
 ) -> ConnReport {
-    let mut rep = ConnReport {
-        proto: Proto::IdleTcp,
-        label: format!("idle#{id}"),
-        requests: 0,
-        bytes: 0,
-        max_stall: Duration::ZERO,
-        hist: new_histogram(),
-        failure: None,
-    };
-    let sock = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(target)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            rep.failure = Some(Failure::Connect(e.to_string()));
-            return rep;
-        }
-        Err(_) => {
-            rep.failure = Some(Failure::Connect("timed out".into()));
+    let mut rep = ConnReport::new(Proto::IdleTcp, format!("idle#{id}"));
+    let sock = match connect_tcp(target, &cfg).await {
+        Ok(s) => s,
+        Err(f) => {
+            rep.failure = Some(f);
             return rep;
         }
     };
@@ -593,15 +592,7 @@ async fn quic_conn(
     cfg: LoopCfg,
     mut stop: watch::Receiver<bool>,
 ) -> ConnReport {
-    let mut rep = ConnReport {
-        proto: Proto::Quic,
-        label: format!("quic#{id}"),
-        requests: 0,
-        bytes: 0,
-        max_stall: Duration::ZERO,
-        hist: new_histogram(),
-        failure: None,
-    };
+    let mut rep = ConnReport::new(Proto::Quic, format!("quic#{id}"));
     let setup = async {
         let bind: SocketAddr = if target.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()

@@ -710,6 +710,17 @@ fn count_to_service(shared: &FlowShared, metrics: &ServiceMetrics, n: usize, byt
     metrics.udp_bytes_to_service.add(bytes as u64);
 }
 
+fn count_to_client(shared: &FlowShared, metrics: &ServiceMetrics, n: usize, bytes: usize) {
+    shared
+        .datagrams_to_client
+        .fetch_add(n as u64, Ordering::Relaxed);
+    shared
+        .bytes_to_client
+        .fetch_add(bytes as u64, Ordering::Relaxed);
+    metrics.udp_datagrams_to_client.add(n as u64);
+    metrics.udp_bytes_to_client.add(bytes as u64);
+}
+
 /// Sends one flow's backlog upstream as its socket drains, in order; only this flow waits.
 async fn writer(
     upstream: Arc<UdpSocket>,
@@ -859,14 +870,7 @@ async fn reader(
             errors = 0;
             let ms = crate::util::millis(epoch.elapsed());
             shared.last_ms.store(ms, Ordering::Relaxed);
-            shared
-                .datagrams_to_client
-                .fetch_add(datagrams as u64, Ordering::Relaxed);
-            shared
-                .bytes_to_client
-                .fetch_add(bytes as u64, Ordering::Relaxed);
-            metrics.udp_datagrams_to_client.add(datagrams as u64);
-            metrics.udp_bytes_to_client.add(bytes as u64);
+            count_to_client(&shared, &metrics, datagrams, bytes);
         }
     }
 }
