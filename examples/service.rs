@@ -239,8 +239,26 @@ fn quic_endpoint(addr: SocketAddr) -> Result<quinn::Endpoint> {
         .max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
 
-    quinn::Endpoint::server(config, addr).with_context(|| format!("binding UDP/QUIC {addr}"))
+    // A large receive buffer, as QUIC servers ask for (the kernel caps it at net.core.rmem_max):
+    // when hundreds of connections resume after a move, their datagrams arrive at once, and the
+    // default (208 KiB, about 90 full-size datagrams) overflows, costing clients a probe timeout.
+    let socket =
+        std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP/QUIC {addr}"))?;
+    if let Err(e) = socket2::SockRef::from(&socket).set_recv_buffer_size(QUIC_RCVBUF) {
+        tracing::warn!("SO_RCVBUF {QUIC_RCVBUF}: {e}");
+    }
+    let runtime = quinn::default_runtime().context("no async runtime for quinn")?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        runtime,
+    )
+    .with_context(|| format!("QUIC endpoint on {addr}"))
 }
+
+/// Receive buffer asked for on the QUIC socket.
+const QUIC_RCVBUF: usize = 4 << 20;
 
 async fn accept_tcp(listener: TcpListener, state: SharedState) -> Result<()> {
     loop {
