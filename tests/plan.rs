@@ -52,6 +52,9 @@ fn plan_calibrate_and_a_scored_prediction() {
         plan.inputs.dirty_rate
     );
     assert_eq!(plan.inputs.bandwidth, 125e6);
+    // The example service's TCP listener and its QUIC socket, at the least; counted into the
+    // frozen phase (K n).
+    assert!(plan.inputs.sockets >= 2, "sockets {}", plan.inputs.sockets);
     assert!(plan.pre_copy.rounds >= 2, "{plan:?}");
     assert!(plan.pre_copy.downtime_ms < plan.stop_and_copy.downtime_ms);
     assert!(plan.pre_copy.total_ms > plan.pre_copy.downtime_ms);

@@ -136,11 +136,12 @@ pub fn render(pid: i32, p: &Plan) -> String {
     let i = &p.inputs;
     let mib = |b: u64| b as f64 / 1_048_576.0;
     let mut out = format!(
-        "pid {pid}: state {:.1} MiB, dirtying {:.0} pages/s ({:.1} MB/s); link {:.0} Mbit/s; \
-         downtime limit {:.0} ms\nhost terms: {}\n\n",
+        "pid {pid}: state {:.1} MiB, dirtying {:.0} pages/s ({:.1} MB/s), {} socket(s); link \
+         {:.0} Mbit/s; downtime limit {:.0} ms\nhost terms: {}\n\n",
         mib(i.state_bytes),
         i.dirty_rate,
         i.dirty_rate * PAGE_SIZE as f64 / 1e6,
+        i.sockets,
         i.bandwidth * 8.0 / 1e6,
         i.downtime_limit_ms,
         i.profile
