@@ -1063,18 +1063,20 @@ fn perform<C, N, J>(
                 let _ = tx.send(event(SourceEvent::Completed(Step::RemoveAddress, r)));
             });
         }
-        SourceAction::Lock { .. } | SourceAction::KeepLock { .. } => {
-            let (table, owned, step) = match action {
-                SourceAction::Lock { table } => (table, true, Step::Lock),
-                SourceAction::KeepLock { table } => (table, false, Step::KeepLock),
-                _ => unreachable!("matched above"),
-            };
+        SourceAction::Lock { table } => {
             let addr = lock(&ctx.record).service_addr.addr();
-            let net = ctx.net.clone();
-            let tx = tx.clone();
+            let (net, tx) = (ctx.net.clone(), tx.clone());
             tokio::spawn(async move {
-                let r = net.lock(&table, addr, owned).await;
-                let _ = tx.send(event(SourceEvent::Completed(step, r)));
+                let r = net.lock(&table, addr, true).await;
+                let _ = tx.send(event(SourceEvent::Completed(Step::Lock, r)));
+            });
+        }
+        SourceAction::KeepLock { table } => {
+            let addr = lock(&ctx.record).service_addr.addr();
+            let (net, tx) = (ctx.net.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = net.lock(&table, addr, false).await;
+                let _ = tx.send(event(SourceEvent::Completed(Step::KeepLock, r)));
             });
         }
         SourceAction::Unlock { tables } => {
