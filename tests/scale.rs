@@ -45,6 +45,13 @@ fn a_service_with_2000_tcp_connections_moves_and_every_connection_works_after() 
         r.quic.max_stall_ms
     );
     assert_clean(&r, "2,000 idle connections");
+    // The report counts the tree's sockets (the model's n): the idle and busy connections, the
+    // listener and the QUIC socket.
+    assert!(
+        report.sockets >= IDLE + 8,
+        "sockets in the report: {}",
+        report.sockets
+    );
     assert_eq!(r.idle.connections, IDLE, "idle connections opened");
     assert_eq!(
         r.idle.ok_connections, IDLE,

@@ -123,6 +123,10 @@ pub struct Report {
     pub recovered: bool,
     /// The source pid of the service.
     pub source_pid: i32,
+    /// The sockets of the service's tree when the migration started (the model's `n`, whose
+    /// cost `K n` the frozen phase pays).
+    #[serde(default)]
+    pub sockets: u64,
     /// The destination pid of the service, when committed.
     pub destination_pid: Option<i32>,
     /// The agent's address.
@@ -212,6 +216,7 @@ impl Report {
             warnings: Vec::new(),
             recovered: false,
             source_pid,
+            sockets: 0,
             destination_pid: None,
             destination,
             service_addr,

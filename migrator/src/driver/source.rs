@@ -377,6 +377,7 @@ async fn migrate_inner(
     if let Some(plan) = &opts.prediction {
         machine.set_prediction(plan.clone());
     }
+    machine.set_sockets(sockets);
     let record = SourceRecord {
         phase: SourcePhase::Frozen,
         lock_table: None,

@@ -666,6 +666,11 @@ impl SourceMachine {
         self.report.prediction = Some(plan);
     }
 
+    /// Records the tree's socket count, for the report.
+    pub fn set_sockets(&mut self, sockets: u64) {
+        self.report.sockets = sockets;
+    }
+
     fn blank(cfg: SourceConfig, now: Instant) -> SourceMachine {
         let report = Report::new(
             cfg.id.as_str(),
