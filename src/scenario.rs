@@ -136,21 +136,12 @@ impl ProcessUsage {
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command name (which may hold spaces): state is field 3, utime 14,
-        // stime 15.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .filter(|h| *h > 0)
-            .unwrap_or(100) as f64;
-        Some(ProcessUsage {
-            rss_kib,
-            cpu_s: ticks as f64 / hz,
-        })
+        let host = i32::try_from(pid).ok()?;
+        let cpu_s = tether_migrator::throttle::cpu_seconds(&[tether_migrator::procmem::ProcId {
+            host,
+            ns: host,
+        }]);
+        Some(ProcessUsage { rss_kib, cpu_s })
     }
 }
 

@@ -331,24 +331,7 @@ fn proxy_dropped(s: &Scenario) -> u64 {
         .arg("status")
         .output();
     let Ok(out) = out else { return 0 };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-        return 0;
-    };
-    // Every service's drop counters, whatever their reason.
-    fn sum_drops(v: &serde_json::Value) -> u64 {
-        match v {
-            serde_json::Value::Object(m) => m
-                .iter()
-                .map(|(k, v)| match (k.as_str(), v) {
-                    ("drops", serde_json::Value::Object(d)) => {
-                        d.values().filter_map(serde_json::Value::as_u64).sum()
-                    }
-                    _ => sum_drops(v),
-                })
-                .sum(),
-            serde_json::Value::Array(a) => a.iter().map(sum_drops).sum(),
-            _ => 0,
-        }
-    }
-    sum_drops(&v)
+    serde_json::from_slice::<tether_proxy::api::Status>(&out.stdout).map_or(0, |st| {
+        st.services.iter().flat_map(|svc| svc.drops.values()).sum()
+    })
 }

@@ -85,7 +85,7 @@ pub struct Throttle {
 }
 
 /// CPU time (user + system) of the processes so far, seconds.
-fn cpu_seconds(procs: &[ProcId]) -> f64 {
+pub fn cpu_seconds(procs: &[ProcId]) -> f64 {
     // Clock ticks per second; Linux reports 100 in /proc regardless of CONFIG_HZ.
     const TICKS: f64 = 100.0;
     procs

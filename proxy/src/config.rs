@@ -336,9 +336,9 @@ impl Config {
         if needed <= open_files {
             return Ok(Vec::new());
         }
-        // Descriptors per unit of each defaulted limit, and what the rest needs.
-        let mut fixed = DESCRIPTOR_MARGIN;
-        let mut scalable = 0u64;
+        // What the set limits and the listeners need, what the defaulted limits need, and what
+        // those need at their floor.
+        let (mut fixed, mut scalable, mut floor) = (DESCRIPTOR_MARGIN, 0u64, 0u64);
         for s in &self.services {
             fixed += (s.tcp_listen.len() + s.udp_listen.len()) as u64;
             let tcp = if s.tcp_listen.is_empty() { 0 } else { 2 };
@@ -348,26 +348,10 @@ impl Config {
                     fixed += per * limit.get() as u64;
                 } else {
                     scalable += per * limit.get() as u64;
+                    floor += per * MIN_FITTED_FLOWS as u64;
                 }
             }
         }
-        let floor: u64 = self
-            .services
-            .iter()
-            .map(|s| {
-                let tcp = if s.tcp_listen.is_empty() || s.limits.max_tcp_flows.is_set() {
-                    0
-                } else {
-                    2
-                };
-                let udp = if s.limits.udp_max_flows.is_set() {
-                    0
-                } else {
-                    s.udp_listen.len() as u64
-                };
-                (tcp + udp) * MIN_FITTED_FLOWS as u64
-            })
-            .sum();
         if scalable == 0 || fixed + floor > open_files {
             let at_least = if scalable == 0 { needed } else { fixed + floor };
             return Err(ConfigError::DescriptorsShort {

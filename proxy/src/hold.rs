@@ -1,9 +1,10 @@
 //! The queue of client-to-service datagrams held while a service is paused: pure code, time
 //! passed in.
 //!
-//! One FIFO for all flows of a UDP listener keeps the arrival order (so a resume releases every
-//! flow's datagrams in order, and the oldest datagram is always at the front, which makes the
-//! age limit cheap), with usage counted per flow and in total. Limits are by datagrams, bytes and
+//! One FIFO for all flows of a UDP listener keeps the arrival order (every flow's datagrams stay
+//! in order, and the oldest datagram is always at the front, which makes the age limit cheap),
+//! with usage counted per flow and in total. A release drains it round-robin across flows
+//! ([`HoldQueue::drain_round_robin`]): every flow's first datagram, then every flow's second, ... Limits are by datagrams, bytes and
 //! age; a datagram over a limit is refused (the newest is dropped, so what is held stays a prefix
 //! of what the client sent), and too old datagrams are discarded from the front.
 
@@ -160,6 +161,35 @@ impl<K: Copy + Eq + Hash> HoldQueue<K> {
         Some(h)
     }
 
+    /// Takes everything held, in release order: round-robin across flows (each flow's first
+    /// datagram, flows in the order of their first, then each flow's second, ...), each flow's
+    /// datagrams in their order. Returns them and what they add up to.
+    pub fn drain_round_robin(&mut self) -> (Vec<Held<K>>, Usage) {
+        let total = self.total;
+        let mut per_flow: HashMap<K, VecDeque<Held<K>>> = HashMap::new();
+        let mut order: Vec<K> = Vec::new();
+        for h in self.queue.drain(..) {
+            per_flow
+                .entry(h.flow)
+                .or_insert_with(|| {
+                    order.push(h.flow);
+                    VecDeque::new()
+                })
+                .push_back(h);
+        }
+        self.per_flow.clear();
+        self.total = Usage::default();
+        let mut out = Vec::with_capacity(total.datagrams);
+        while out.len() < total.datagrams {
+            for flow in &order {
+                if let Some(h) = per_flow.get_mut(flow).and_then(VecDeque::pop_front) {
+                    out.push(h);
+                }
+            }
+        }
+        (out, total)
+    }
+
     /// Discards everything held for `flow`. Returns what was discarded.
     pub fn remove_flow(&mut self, flow: &K) -> Usage {
         let Some(u) = self.per_flow.remove(flow) else {
@@ -184,6 +214,32 @@ mod tests {
             total_bytes: 150,
             max_age: Duration::from_millis(100),
         }
+    }
+
+    #[test]
+    fn drains_round_robin_across_flows_each_in_order() {
+        let t = Instant::now();
+        let mut q = HoldQueue::new(HoldLimits {
+            flow_datagrams: 10,
+            total_datagrams: 10,
+            ..limits()
+        });
+        for (flow, d) in [(1, 10), (1, 11), (2, 20), (1, 12), (3, 30), (2, 21)] {
+            q.push(flow, vec![d], t).expect("push");
+        }
+        let (out, total) = q.drain_round_robin();
+        let got: Vec<u8> = out.iter().map(|h| h.data[0]).collect();
+        assert_eq!(got, [10, 20, 30, 11, 21, 12]);
+        assert_eq!(
+            total,
+            Usage {
+                datagrams: 6,
+                bytes: 6
+            }
+        );
+        assert!(q.is_empty());
+        assert_eq!(q.usage(), Usage::default());
+        assert_eq!(q.flow_usage(&1), Usage::default());
     }
 
     #[test]

@@ -520,34 +520,11 @@ impl Actor {
     /// [`release_chunk`](Self::release_chunk). Returns what is to be released.
     fn release(&mut self) -> Usage {
         self.expire(Instant::now());
-        let mut per_flow: HashMap<SocketAddr, std::collections::VecDeque<Vec<u8>>> = HashMap::new();
-        // Flows in the order of their first held datagram.
-        let mut order: Vec<SocketAddr> = Vec::new();
-        let mut total = Usage::default();
-        while let Some(h) = self.queue.pop() {
-            total.datagrams += 1;
-            total.bytes += h.data.len();
-            per_flow
-                .entry(h.flow)
-                .or_insert_with(|| {
-                    order.push(h.flow);
-                    std::collections::VecDeque::new()
-                })
-                .push_back(h.data);
-        }
+        let (held, total) = self.queue.drain_round_robin();
         self.account_unheld(total);
-        loop {
-            let mut any = false;
-            for flow in &order {
-                if let Some(d) = per_flow.get_mut(flow).and_then(|q| q.pop_front()) {
-                    *self.releasing_per_flow.entry(*flow).or_default() += 1;
-                    self.releasing.push_back((*flow, d));
-                    any = true;
-                }
-            }
-            if !any {
-                break;
-            }
+        for h in held {
+            *self.releasing_per_flow.entry(h.flow).or_default() += 1;
+            self.releasing.push_back((h.flow, h.data));
         }
         self.holding = false;
         self.release_chunk();

@@ -849,6 +849,26 @@ async fn apply_throttle(
         .map_err(|e| PortError::caused(ErrorCode::Internal, "throttle", e))
 }
 
+/// Locks the service address under `table` (`owned`: tied to this process) and reports `step`.
+fn spawn_lock<C, N, J>(
+    ctx: &Arc<Ctx<C, N, J>>,
+    tx: &mpsc::UnboundedSender<Input>,
+    table: String,
+    owned: bool,
+    step: Step,
+) where
+    C: Checkpointer,
+    N: AddressMover,
+    J: Journal<SourceRecord, ()>,
+{
+    let addr = lock(&ctx.record).service_addr.addr();
+    let (net, tx) = (ctx.net.clone(), tx.clone());
+    tokio::spawn(async move {
+        let r = net.lock(&table, addr, owned).await;
+        let _ = tx.send(Input::Event(0, SourceEvent::Completed(step, r)));
+    });
+}
+
 #[allow(clippy::too_many_arguments)]
 fn perform<C, N, J>(
     action: SourceAction,
@@ -1064,22 +1084,8 @@ fn perform<C, N, J>(
                 let _ = tx.send(event(SourceEvent::Completed(Step::RemoveAddress, r)));
             });
         }
-        SourceAction::Lock { table } => {
-            let addr = lock(&ctx.record).service_addr.addr();
-            let (net, tx) = (ctx.net.clone(), tx.clone());
-            tokio::spawn(async move {
-                let r = net.lock(&table, addr, true).await;
-                let _ = tx.send(event(SourceEvent::Completed(Step::Lock, r)));
-            });
-        }
-        SourceAction::KeepLock { table } => {
-            let addr = lock(&ctx.record).service_addr.addr();
-            let (net, tx) = (ctx.net.clone(), tx.clone());
-            tokio::spawn(async move {
-                let r = net.lock(&table, addr, false).await;
-                let _ = tx.send(event(SourceEvent::Completed(Step::KeepLock, r)));
-            });
-        }
+        SourceAction::Lock { table } => spawn_lock(ctx, tx, table, true, Step::Lock),
+        SourceAction::KeepLock { table } => spawn_lock(ctx, tx, table, false, Step::KeepLock),
         SourceAction::Unlock { tables } => {
             let net = ctx.net.clone();
             let tx = tx.clone();

@@ -223,25 +223,23 @@ impl HostNet {
 
     /// Runs one libnftables transaction (blocking; well under a millisecond).
     fn nft_run(&self, commands: &str) -> Result<String, NftError> {
-        // A panic while holding the lock cannot leave the context half-used: every call into it
-        // completes inside `run`.
-        let mut nft = self
-            .inner
-            .nft
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        nft.run(commands).map_err(NftError::Rejected)
+        run_on(&self.inner.nft, commands)
     }
 
     /// Runs one transaction on the lock context (see [`Inner::lock_nft`]).
     fn nft_lock_run(&self, commands: &str) -> Result<String, NftError> {
-        let mut nft = self
-            .inner
-            .lock_nft
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        nft.run(commands).map_err(NftError::Rejected)
+        run_on(&self.inner.lock_nft, commands)
     }
+}
+
+/// Runs `commands` as one transaction on `ctx`.
+fn run_on(ctx: &Mutex<crate::sys::Nftables>, commands: &str) -> Result<String, NftError> {
+    // A panic while holding the lock cannot leave the context half-used: every call into it
+    // completes inside `run`.
+    let mut nft = ctx
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    nft.run(commands).map_err(NftError::Rejected)
 }
 
 /// Bytes queued for reading on this host's UDP sockets bound to `addr` (from `/proc/net/udp`).
