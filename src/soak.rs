@@ -1,7 +1,8 @@
 //! The soak: the example service moves src -> dst -> src ... many times behind the proxy while
 //! load clients (through the proxy and direct) verify every reply byte for byte. Each move has
 //! its own client runs, opened before it and verified through it; per move it reports the
-//! downtime, the proxy's pause (quiesce, hold), the clients' stalls (p50, p99 and max over the
+//! downtime, the proxy's pause (quiesce, hold), the service's first answer after the resume,
+//! the clients' stalls (p50, p99 and max over the
 //! connections of each one's longest wait) and the proxy's memory and CPU. Shared by
 //! `examples/soak.rs` (the benchmark) and `tests/soak.rs` (a small version in CI).
 
@@ -81,6 +82,8 @@ pub struct MoveRow {
     pub quiesce_ms: f64,
     /// From the pause to the resume, ms.
     pub held_ms: f64,
+    /// From the resume to the service's first answer through the proxy (TCP, UDP), ms.
+    pub first_answer_ms: (Option<f64>, Option<f64>),
     /// Flows the proxy paused (TCP, UDP).
     pub paused_flows: (u64, u64),
     /// Datagrams the proxy held and released to the service.
@@ -142,13 +145,14 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
     let mut s = Scenario::start(bins, &sc).context("starting the test bed")?;
     writeln!(
         out,
-        "{:<11} {:>4} {:>9} {:>7} {:>8} {:>8} {:>8} {:>23} {:>23} {:>23} {:>23} {:>6} {:>7} {:>6}",
+        "{:<11} {:>4} {:>9} {:>7} {:>8} {:>8} {:>11} {:>8} {:>23} {:>23} {:>23} {:>23} {:>6} {:>7} {:>6}",
         "move",
         "ok",
         "downtime",
         "dump",
         "quiesce",
         "held",
+        "answer",
         "flows",
         "proxy tcp stall",
         "proxy quic stall",
@@ -160,13 +164,14 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
     )?;
     writeln!(
         out,
-        "{:<11} {:>4} {:>9} {:>7} {:>8} {:>8} {:>8} {:>23} {:>23} {:>23} {:>23} {:>6} {:>7} {:>6}",
+        "{:<11} {:>4} {:>9} {:>7} {:>8} {:>8} {:>11} {:>8} {:>23} {:>23} {:>23} {:>23} {:>6} {:>7} {:>6}",
         "",
         "",
         "ms",
         "ms",
         "ms",
         "ms",
+        "tcp/udp ms",
         "tcp/udp",
         "p50/p99/max ms",
         "p50/p99/max ms",
@@ -235,6 +240,7 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
             restore_ms: t.restore_ms,
             quiesce_ms: px.quiesce_ms,
             held_ms: px.held_ms,
+            first_answer_ms: (px.first_tcp_answer_ms, px.first_udp_answer_ms),
             paused_flows: (px.tcp_flows, px.udp_flows),
             released_datagrams: px.released_datagrams,
             dst_rcvbuf_errors,
@@ -248,13 +254,17 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
         let st = |x: Stalls| format!("{:.0}/{:.0}/{:.0}", x.p50, x.p99, x.max);
         writeln!(
             out,
-            "{:<11} {:>4} {:>9.1} {:>7.1} {:>8.1} {:>8.1} {:>8} {:>23} {:>23} {:>23} {:>23} {:>6} {:>7.1} {:>6.2}",
+            "{:<11} {:>4} {:>9.1} {:>7.1} {:>8.1} {:>8.1} {:>11} {:>8} {:>23} {:>23} {:>23} {:>23} {:>6} {:>7.1} {:>6.2}",
             row.direction,
             if committed { "yes" } else { "NO" },
             row.downtime_ms,
             row.dump_ms,
             row.quiesce_ms,
             row.held_ms,
+            {
+                let a = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+                format!("{}/{}", a(row.first_answer_ms.0), a(row.first_answer_ms.1))
+            },
             format!("{}/{}", row.paused_flows.0, row.paused_flows.1),
             st(row.proxy.0),
             st(row.proxy.1),
@@ -297,8 +307,9 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
          bytes, lost connections, failed state checks); {} datagrams dropped by the proxy.\n\
          stall: per connection, its longest wait for one reply (request sent to reply \
          verified); p50/p99/max over the connections of the move's client run. held: the \
-         proxy's pause to resume; quiesce: until no byte toward the service was unacknowledged. \
-         rss: the proxy's resident memory after the move; cpu: its CPU time during the run.",
+         proxy's pause to resume; quiesce: until no byte toward the service was unacknowledged; \
+         answer: from the resume to the service's first byte (TCP) and datagram (UDP) through \
+         the proxy. rss: the proxy's resident memory after the move; cpu: its CPU time during the run.",
         summary.committed, cfg.moves, summary.client_errors, summary.proxy_dropped_datagrams
     )?;
     Ok(summary)

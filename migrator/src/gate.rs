@@ -88,6 +88,34 @@ impl ProxyGate {
     }
 }
 
+/// How long after the resume the proxy waits for the service's first answers before it says
+/// what came (the `answered` control command).
+pub const ANSWER_WAIT: Duration = Duration::from_secs(1);
+
+/// Asks the proxy when the service answered after the resume of a committed migration, and
+/// puts it in `report`: the proxy's first answer per transport and the downtime as the clients
+/// saw it. The proxy keeps what it saw, so this may come after the cleanup. A proxy that cannot
+/// say (an older one, or no resume) leaves the report as it was and returns why.
+pub async fn record_answers(
+    opts: &ProxyOptions,
+    report: &mut crate::report::Report,
+) -> Result<(), ControlError> {
+    let mut client = Client::connect(&opts.socket).await?;
+    let a = client.answered(&opts.service, Some(ANSWER_WAIT)).await?;
+    let Some(p) = report.proxy.as_mut() else {
+        return Ok(());
+    };
+    p.first_tcp_answer_ms = a.first_tcp_ms;
+    p.first_udp_answer_ms = a.first_udp_ms;
+    let first = match (a.first_tcp_ms, a.first_udp_ms) {
+        (Some(t), Some(u)) => Some(t.min(u)),
+        (t, u) => t.or(u),
+    };
+    let t = &mut report.timings;
+    t.answered_ms = first.map(|f| t.downtime_ms + t.resume_ms + f);
+    Ok(())
+}
+
 impl TrafficGate for ProxyGate {
     async fn pause(&mut self) -> Result<PauseInfo, PortError> {
         let r = self

@@ -89,6 +89,13 @@ pub struct Timings {
     /// From the confirmation to the proxy's resume reply: the part of the clients' stall after
     /// the downtime (0 without a proxy).
     pub resume_ms: f64,
+    /// The downtime as the clients see it: from letting CRIU freeze the tree to the service's
+    /// first answer through the proxy after the resume (`downtime_ms + resume_ms +` the
+    /// earliest of the proxy's `first_*_answer_ms`). A lazily restored service still faulting
+    /// its memory in, or an interpreted one, answers some milliseconds after CRIU returns.
+    /// `None` without a proxy, or when no client spoke within the proxy's wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_ms: Option<f64>,
     /// The whole command.
     pub total_ms: f64,
 }
@@ -256,6 +263,13 @@ pub struct ProxyReport {
     /// deadline is kept below it.
     #[serde(default)]
     pub hold_left_ms: u64,
+    /// From the resume to the service's first byte toward a TCP client, seen by the proxy, ms
+    /// (`None`: no TCP client, or none answered within the proxy's wait).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_tcp_answer_ms: Option<f64>,
+    /// From the resume to the service's first datagram toward a UDP client, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_udp_answer_ms: Option<f64>,
 }
 
 /// Memory transfer figures: pre-copy rounds (none for stop-and-copy) and the final difference.

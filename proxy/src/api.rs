@@ -39,6 +39,34 @@ pub(crate) trait Commands {
         &self,
         service: &str,
     ) -> impl Future<Output = Result<ResumeReport, CommandError>> + Send;
+
+    /// When `service` answered after its last resume: once every transport that had flows
+    /// has sent something toward a client, or `timeout` after the resume.
+    fn answered(
+        &self,
+        service: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<AnswerReport, CommandError>> + Send;
+}
+
+/// Answer to `answered`: when the service first sent data toward a client after the last
+/// resume, per transport. The downtime a client sees ends there; a lazily restored or
+/// interpreted service may answer some milliseconds after the release.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AnswerReport {
+    /// How long ago the resume released what was held, ms.
+    pub resumed_ms_ago: f64,
+    /// The service had TCP connections at the resume.
+    pub tcp_expected: bool,
+    /// The service had UDP flows at the resume.
+    pub udp_expected: bool,
+    /// From the release to the service's first byte toward a TCP client, ms; `None`: none
+    /// by the time of this answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_tcp_ms: Option<f64>,
+    /// From the release to the service's first datagram toward a UDP client, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_udp_ms: Option<f64>,
 }
 
 /// Answer to `status`.
@@ -280,6 +308,9 @@ pub enum CommandError {
     /// The pause was ended before it was confirmed.
     #[error("the pause was ended by {0} before its flows quiesced")]
     Cancelled(String),
+    /// `answered` before any resume of the service.
+    #[error("service {0:?} has not been resumed since the proxy started")]
+    NotResumed(String),
     /// Internal failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -294,6 +325,7 @@ impl CommandError {
             CommandError::State(_) => ErrorKind::WrongState,
             CommandError::NotQuiesced { .. } => ErrorKind::NotQuiesced,
             CommandError::Cancelled(_) => ErrorKind::Cancelled,
+            CommandError::NotResumed(_) => ErrorKind::WrongState,
             CommandError::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -8,10 +8,12 @@
 //! {"cmd":"pause","service":"kv","timeout_ms":500}      timeout_ms optional
 //! {"cmd":"redirect","service":"kv","backend":"10.77.0.3:7000"}
 //! {"cmd":"resume","service":"kv"}
+//! {"cmd":"answered","service":"kv","timeout_ms":1000}  timeout_ms optional
 //! ```
 //!
 //! Replies, one line each, in order: `{"ok":true,"result":{...}}` with the command's result
-//! ([`Status`], [`FlowList`], [`PauseReport`], [`RedirectReport`], [`ResumeReport`]), or
+//! ([`Status`], [`FlowList`], [`PauseReport`], [`RedirectReport`], [`ResumeReport`],
+//! [`AnswerReport`]), or
 //! `{"ok":false,"kind":"...","error":"..."}` ([`ErrorKind`]; a pause that did not quiesce adds
 //! `"unquiesced":[...]`). A request that is not understood changes nothing. `pause` replies only
 //! once every flow is quiet, or with `not_quiesced` at its deadline (the pause is then undone).
@@ -19,6 +21,10 @@
 //! The socket is created fresh with mode 0600 (a stale socket file is replaced; a live one is an
 //! error), and connections from a peer whose uid (`SO_PEERCRED`) is neither the proxy's nor root's
 //! are refused with a `permission_denied` reply.
+//!
+//! `answered` says when the service first sent data toward a client after its last resume; it
+//! replies once every transport that had flows at the resume has answered, or `timeout_ms`
+//! (default [`DEFAULT_ANSWER_TIMEOUT_MS`], at most [`MAX_ANSWER_TIMEOUT_MS`]) after the resume.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -34,8 +40,8 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::api::Commands;
 pub use crate::api::{
-    CommandError, ErrorKind, FlowList, PauseReport, RedirectReport, ResumeReport, Status,
-    UnquiescedFlow,
+    AnswerReport, CommandError, ErrorKind, FlowList, PauseReport, RedirectReport, ResumeReport,
+    Status, UnquiescedFlow,
 };
 use crate::metrics::GlobalMetrics;
 
@@ -46,6 +52,10 @@ pub const DEFAULT_SOCKET: &str = "/run/tether/proxy.sock";
 pub const MAX_REQUEST_BYTES: usize = 4096;
 /// Longest reply line the client accepts.
 pub const MAX_REPLY_BYTES: usize = 64 << 20;
+/// How long after a resume `answered` waits for the service's answers unless told otherwise.
+pub const DEFAULT_ANSWER_TIMEOUT_MS: u64 = 1000;
+/// The longest wait `answered` accepts.
+pub const MAX_ANSWER_TIMEOUT_MS: u64 = 60_000;
 /// Most control connections served at once.
 const MAX_CONNECTIONS: usize = 64;
 
@@ -81,6 +91,15 @@ pub enum Request {
         /// The service.
         service: String,
     },
+    /// When the service answered after its last resume.
+    Answered {
+        /// The service.
+        service: String,
+        /// How long after the resume to wait for answers (default
+        /// [`DEFAULT_ANSWER_TIMEOUT_MS`]).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
 }
 
 impl Request {
@@ -92,6 +111,7 @@ impl Request {
             Request::Pause { .. } => "pause",
             Request::Redirect { .. } => "redirect",
             Request::Resume { .. } => "resume",
+            Request::Answered { .. } => "answered",
         }
     }
 }
@@ -163,11 +183,12 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     let allowed: &[&str] = match cmd.as_str() {
         "status" => &[],
         "flows" | "resume" => &["service"],
-        "pause" => &["service", "timeout_ms"],
+        "pause" | "answered" => &["service", "timeout_ms"],
         "redirect" => &["service", "backend"],
         other => {
             return Err(format!(
-                "unknown command {other:?}; expected status, flows, pause, redirect or resume"
+                "unknown command {other:?}; expected status, flows, pause, redirect, resume or \
+                 answered"
             ))
         }
     };
@@ -188,21 +209,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         "resume" => Request::Resume {
             service: service(&mut o)?,
         },
-        "pause" => {
-            let service = service(&mut o)?;
-            let timeout_ms = match o.remove("timeout_ms") {
-                None | Some(Value::Null) => None,
-                Some(Value::Number(n)) => match n.as_u64() {
-                    Some(ms) if ms > 0 => Some(ms),
-                    _ => return Err("\"timeout_ms\" must be a positive integer".into()),
-                },
-                Some(_) => return Err("\"timeout_ms\" must be a positive integer".into()),
-            };
-            Request::Pause {
-                service,
-                timeout_ms,
-            }
-        }
+        "pause" => Request::Pause {
+            service: service(&mut o)?,
+            timeout_ms: timeout_ms(&mut o, u64::MAX)?,
+        },
+        "answered" => Request::Answered {
+            service: service(&mut o)?,
+            timeout_ms: timeout_ms(&mut o, MAX_ANSWER_TIMEOUT_MS)?,
+        },
         _ => {
             let service = service(&mut o)?;
             let backend = match o.remove("backend") {
@@ -215,6 +229,25 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
             Request::Redirect { service, backend }
         }
     })
+}
+
+/// The optional `timeout_ms` of a request: a positive integer of at most `max`.
+fn timeout_ms(o: &mut Map<String, Value>, max: u64) -> Result<Option<u64>, String> {
+    let bad = || {
+        if max == u64::MAX {
+            "\"timeout_ms\" must be a positive integer".to_string()
+        } else {
+            format!("\"timeout_ms\" must be a positive integer of at most {max}")
+        }
+    };
+    match o.remove("timeout_ms") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(ms) if ms > 0 && ms <= max => Ok(Some(ms)),
+            _ => Err(bad()),
+        },
+        Some(_) => Err(bad()),
+    }
 }
 
 /// Whether a peer with uid `peer` may use the control socket of a proxy running as `own`.
@@ -367,6 +400,16 @@ async fn execute(h: &impl Commands, req: Request) -> Reply {
             h.redirect(&service, backend).await.map(Reply::ok)
         }
         Request::Resume { service } => h.resume(&service).await.map(Reply::ok),
+        Request::Answered {
+            service,
+            timeout_ms,
+        } => h
+            .answered(
+                &service,
+                Duration::from_millis(timeout_ms.unwrap_or(DEFAULT_ANSWER_TIMEOUT_MS)),
+            )
+            .await
+            .map(Reply::ok),
     };
     r.unwrap_or_else(Reply::from_command_error)
 }
@@ -552,6 +595,21 @@ impl Client {
         })
         .await
     }
+
+    /// When `service` answered after its last resume; the proxy replies once every transport
+    /// that had flows answered, or `timeout` after the resume (default
+    /// [`DEFAULT_ANSWER_TIMEOUT_MS`]).
+    pub async fn answered(
+        &mut self,
+        service: &str,
+        timeout: Option<Duration>,
+    ) -> Result<AnswerReport, ControlError> {
+        self.call(Request::Answered {
+            service: service.into(),
+            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -618,6 +676,14 @@ mod tests {
             Request::Resume {
                 service: "a".into(),
             },
+            Request::Answered {
+                service: "a".into(),
+                timeout_ms: Some(250),
+            },
+            Request::Answered {
+                service: "a".into(),
+                timeout_ms: None,
+            },
         ] {
             let line = serde_json::to_vec(&r).expect("json");
             assert_eq!(parse_request(&line), Ok(r));
@@ -626,7 +692,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_requests_with_clear_errors() {
-        let cases: [(&[u8], &str); 14] = [
+        let cases: [(&[u8], &str); 16] = [
             (b"", "malformed JSON"),
             (b"{", "malformed JSON"),
             (b"[1,2]", "JSON object"),
@@ -645,6 +711,11 @@ mod tests {
                 br#"{"cmd":"pause","service":"kv","timeout_ms":0}"#,
                 "positive integer",
             ),
+            (
+                br#"{"cmd":"answered","service":"kv","timeout_ms":60001}"#,
+                "at most 60000",
+            ),
+            (br#"{"cmd":"answered"}"#, "missing field \"service\""),
             (
                 br#"{"cmd":"redirect","service":"kv","backend":"nowhere"}"#,
                 "IP:PORT",

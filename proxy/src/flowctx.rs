@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio::sync::futures::Notified;
 use tokio::sync::{watch, Notify};
 
+use crate::answer::AnswerWatch;
 use crate::config::Limits;
 use crate::metrics::{GlobalMetrics, ServiceMetrics};
 
@@ -21,6 +22,8 @@ pub(crate) struct FlowCtx {
     pub limits: Limits,
     pub metrics: Arc<ServiceMetrics>,
     pub global: Arc<GlobalMetrics>,
+    /// When the service answered after a resume; shared with its UDP listeners.
+    pub answers: Arc<AnswerWatch>,
     /// Flow ids, shared with the service's UDP listeners.
     ids: Arc<AtomicU64>,
     /// Open (`Some(backend)`: where new flows go) while client-to-service data may flow.
@@ -37,12 +40,14 @@ impl FlowCtx {
         ids: Arc<AtomicU64>,
         metrics: Arc<ServiceMetrics>,
         global: Arc<GlobalMetrics>,
+        answers: Arc<AnswerWatch>,
     ) -> FlowCtx {
         FlowCtx {
             name,
             limits,
             metrics,
             global,
+            answers,
             ids,
             gate: watch::Sender::new(Some(backend)),
             parked: Notify::new(),

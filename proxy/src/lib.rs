@@ -15,8 +15,9 @@
 //! - [`metrics`]: counters and the Prometheus text endpoint.
 //!
 //! Inside, each module uses only modules listed before it: `state`, `metrics`, `sys` (the only
-//! `unsafe`), `util`; `hold`; `config`; `api`; `control`; `flowctx` (what a service shares with
-//! its TCP flows: limits, counters, the gate on client data, the backend for new flows); `tcp`
+//! `unsafe`), `util`; `hold`; `config`; `api`; `control`; `answer` (when the service first answered after a
+//! resume); `flowctx` (what a service shares with its TCP flows: limits, counters, the gate on
+//! client data, the backend for new flows); `tcp`
 //! (the TCP data path and the table of a service's open flows); `udp` (one actor per listen
 //! address); `service` (one service: its state and the pause, redirect and resume sequences);
 //! `server` ([`Proxy`], [`ProxyHandle`]).
@@ -31,10 +32,13 @@
 //! 2. `redirect`: new connections and UDP flows go to the new backend; existing TCP
 //!    connections keep their upstream sockets (the service keeps its address).
 //! 3. `resume`: held data is released at once, in order.
+//! 4. `answered` (optional): when the service first sent data toward a client after the resume,
+//!    per transport: the end of the downtime as the clients see it.
 //!
 //! A pause never resumed ends by itself after the service's `max_hold_ms`, toward the backend
 //! it had before the pause.
 
+mod answer;
 pub mod api;
 pub mod config;
 pub mod control;

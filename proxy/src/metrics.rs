@@ -228,6 +228,8 @@ pub struct ServiceMetrics {
     pub quiesce_duration: DurationHistogram,
     /// From the pause command until the end of the resume (the hold a client sees at most).
     pub pause_duration: DurationHistogram,
+    /// From a resume until the service's first byte or datagram toward a client.
+    pub first_answer: DurationHistogram,
 }
 
 impl ServiceMetrics {
@@ -458,6 +460,11 @@ pub fn render(global: &GlobalMetrics, services: &[(&str, &ServiceMetrics)]) -> S
             "tether_proxy_pause_seconds",
             "From a pause command until the end of its resume.",
             |m| &m.pause_duration,
+        ),
+        (
+            "tether_proxy_first_answer_seconds",
+            "From a resume until the service's first byte or datagram toward a client.",
+            |m| &m.first_answer,
         ),
     ] {
         w.head(name, "histogram", help);

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::answer::AnswerWatch;
 use crate::api::{
-    CommandError, Commands, FlowList, PauseReport, RedirectReport, ResumeReport, Status,
+    AnswerReport, CommandError, Commands, FlowList, PauseReport, RedirectReport, ResumeReport,
+    Status,
 };
 use crate::config::Config;
 use crate::metrics::{self, GlobalMetrics, ServiceMetrics};
@@ -90,6 +92,7 @@ impl Proxy {
         let mut accepts = Vec::new();
         for sc in &config.services {
             let metrics = Arc::new(ServiceMetrics::default());
+            let answers = Arc::new(AnswerWatch::new(metrics.clone()));
             let ids = Arc::new(AtomicU64::new(1));
             let mut tcp_listen = Vec::new();
             for addr in &sc.tcp_listen {
@@ -120,6 +123,7 @@ impl Proxy {
                     sc.backend,
                     sc.limits,
                     metrics.clone(),
+                    answers.clone(),
                     ids.clone(),
                 )
                 .map_err(bind_err)?;
@@ -137,6 +141,7 @@ impl Proxy {
                 ids,
                 metrics,
                 global.clone(),
+                answers,
             )));
         }
         for (i, l) in accepts {
@@ -320,6 +325,15 @@ impl ProxyHandle {
         self.service(service)?.resume().await
     }
 
+    /// When `service` answered after its last resume (see the control command `answered`).
+    pub async fn answered(
+        &self,
+        service: &str,
+        timeout: Duration,
+    ) -> Result<AnswerReport, CommandError> {
+        self.service(service)?.answered(timeout).await
+    }
+
     /// Follows the phase of `service` (e.g. to await the end of a pause by its hold timeout).
     pub fn watch_phase(&self, service: &str) -> Result<watch::Receiver<Phase>, CommandError> {
         Ok(self.service(service)?.watch_phase())
@@ -376,5 +390,13 @@ impl Commands for ProxyHandle {
 
     async fn resume(&self, service: &str) -> Result<ResumeReport, CommandError> {
         ProxyHandle::resume(self, service).await
+    }
+
+    async fn answered(
+        &self,
+        service: &str,
+        timeout: Duration,
+    ) -> Result<AnswerReport, CommandError> {
+        ProxyHandle::answered(self, service, timeout).await
     }
 }

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::answer::AnswerWatch;
 use crate::api::{
-    CommandError, FlowList, PauseReport, RedirectReport, ResumeReport, ServiceStatus,
+    AnswerReport, CommandError, FlowList, PauseReport, RedirectReport, ResumeReport, ServiceStatus,
     UnquiescedFlow,
 };
 use crate::config::Limits;
@@ -65,9 +66,12 @@ impl Service {
         ids: Arc<AtomicU64>,
         metrics: Arc<ServiceMetrics>,
         global: Arc<GlobalMetrics>,
+        answers: Arc<AnswerWatch>,
     ) -> Service {
         Service {
-            ctx: Arc::new(FlowCtx::new(name, backend, limits, ids, metrics, global)),
+            ctx: Arc::new(FlowCtx::new(
+                name, backend, limits, ids, metrics, global, answers,
+            )),
             tcp_listen,
             udp_listen,
             phase_tx: watch::Sender::new(Phase::Active),
@@ -306,7 +310,13 @@ impl Service {
     /// Releases everything held, in order.
     pub async fn resume(&self) -> Result<ResumeReport, CommandError> {
         let _op = self.ops.lock().await;
-        let id = self.with_state(|s| s.begin_resume())?;
+        let id = self.with_state(|s| {
+            let id = s.begin_resume()?;
+            // Armed before the gate opens (`with_state` publishes it after this closure), so
+            // that the service's first answer cannot slip by unseen.
+            self.arm_answers();
+            Ok::<_, crate::state::StateError>(id)
+        })?;
         let released = self.release_udp().await;
         let rec = self
             .with_state(|s| s.finish_resume(Instant::now()))
@@ -334,7 +344,13 @@ impl Service {
     /// release, log an error.
     async fn expire(&self, id: u64) {
         let _op = self.ops.lock().await;
-        let Some(e) = self.with_state(|s| s.expire_hold(id, Instant::now())) else {
+        let Some(e) = self.with_state(|s| {
+            let e = s.expire_hold(id, Instant::now());
+            if e.is_some() {
+                self.arm_answers();
+            }
+            e
+        }) else {
             return;
         };
         self.ctx.metrics.hold_timeouts_total.inc();
@@ -360,6 +376,24 @@ impl Service {
             Ok(rec) => self.ctx.metrics.pause_duration.observe(rec.held),
             Err(err) => tracing::error!(service = %self.ctx.name, "{err}"),
         }
+    }
+
+    /// A resume releases what was held now: from here on, the service's first data toward a
+    /// client on each transport is its answer.
+    fn arm_answers(&self) {
+        let m = &self.ctx.metrics;
+        self.ctx
+            .answers
+            .armed(Instant::now(), m.tcp_flows.get() > 0, m.udp_flows.get() > 0);
+    }
+
+    /// When the service answered after its last resume.
+    pub async fn answered(&self, timeout: Duration) -> Result<AnswerReport, CommandError> {
+        self.ctx
+            .answers
+            .answered(timeout)
+            .await
+            .ok_or_else(|| CommandError::NotResumed(self.ctx.name.clone()))
     }
 
     /// The `status` entry of this service.

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
+use crate::answer::Transport;
 use crate::api::{TcpFlowInfo, UnquiescedFlow};
 use crate::flowctx::FlowCtx;
 use crate::metrics::{DropReason, GlobalMetrics};
@@ -296,6 +297,7 @@ async fn run_flow(guard: FlowGuard, client: TcpStream) {
         pump(upstream, &client, &mut buf, |n| {
             flow.bytes_to_client.fetch_add(n, Ordering::Relaxed);
             ctx.metrics.tcp_bytes_to_client.add(n);
+            ctx.answers.seen(Transport::Tcp);
         })
         .await
     };

@@ -45,6 +45,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::answer::{AnswerWatch, Transport};
 use crate::api::{UdpFlowInfo, UnquiescedFlow};
 use crate::config::Limits;
 use crate::hold::{HoldQueue, Usage};
@@ -171,6 +172,7 @@ pub(crate) fn actor(
     backend: SocketAddr,
     limits: Limits,
     metrics: Arc<ServiceMetrics>,
+    answers: Arc<AnswerWatch>,
     ids: IdSource,
 ) -> io::Result<(UdpHandle, impl std::future::Future<Output = ()> + Send)> {
     let listen = Arc::new(UdpSocket::from_std(socket)?);
@@ -183,6 +185,7 @@ pub(crate) fn actor(
         backend,
         limits,
         metrics,
+        answers,
         ids,
         flows: HashMap::new(),
         holding: false,
@@ -202,6 +205,7 @@ struct Actor {
     backend: SocketAddr,
     limits: Limits,
     metrics: Arc<ServiceMetrics>,
+    answers: Arc<AnswerWatch>,
     ids: IdSource,
     flows: HashMap<SocketAddr, Flow>,
     holding: bool,
@@ -487,6 +491,7 @@ impl Actor {
             client,
             shared.clone(),
             self.metrics.clone(),
+            self.answers.clone(),
             self.epoch,
         ));
         Ok(Flow {
@@ -769,6 +774,7 @@ async fn reader(
     client: SocketAddr,
     shared: Arc<FlowShared>,
     metrics: Arc<ServiceMetrics>,
+    answers: Arc<AnswerWatch>,
     epoch: Instant,
 ) {
     let mut errors = 0u32;
@@ -848,6 +854,7 @@ async fn reader(
             let ms = crate::util::millis(epoch.elapsed());
             shared.last_ms.store(ms, Ordering::Relaxed);
             count_to_client(&shared, &metrics, datagrams, bytes);
+            answers.seen(Transport::Udp);
         }
     }
 }

@@ -347,3 +347,55 @@ async fn metrics_endpoint_serves_prometheus_text() {
     assert!(body.contains("# TYPE tether_proxy_pause_seconds histogram\n"));
     assert!(get("/nothing").await.starts_with("HTTP/1.1 404"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_says_when_the_service_first_answered_after_the_resume() {
+    let echo = tcp_echo().await;
+    let p = start(vec![service("s", echo.addr)]).await;
+    let mut c = p.client().await;
+
+    let e = c.answered("s", None).await.expect_err("no resume yet");
+    assert_eq!(e.kind(), Some(ErrorKind::WrongState), "{e}");
+    assert!(e.to_string().contains("has not been resumed"), "{e}");
+    let e = c.answered("nope", None).await.expect_err("unknown");
+    assert_eq!(e.kind(), Some(ErrorKind::UnknownService), "{e}");
+
+    // A request held by the pause is answered after the resume: the answer is timed from
+    // the release, and only TCP was expected (the service had no UDP flow).
+    let mut s = connect(p.tcp("s")).await;
+    s.write_all(b"before").await.expect("write");
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).await.expect("echo");
+    c.pause("s", Duration::from_secs(1)).await.expect("pause");
+    s.write_all(b"during").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    c.resume("s").await.expect("resume");
+    s.read_exact(&mut buf).await.expect("echo after the resume");
+    assert_eq!(&buf, b"during");
+    let a = c
+        .answered("s", Some(Duration::from_secs(5)))
+        .await
+        .expect("answered");
+    assert!(a.tcp_expected && !a.udp_expected, "{a:?}");
+    let first = a.first_tcp_ms.expect("the echo was seen");
+    assert!(first < 1000.0, "{a:?}");
+    assert_eq!(a.first_udp_ms, None);
+    let m = p.proxy.handle().metrics("s").expect("metrics");
+    assert_eq!(m.first_answer.count(), 1);
+
+    // A resume nobody answers: the reply comes at the timeout, with no answer.
+    c.pause("s", Duration::from_secs(1)).await.expect("pause");
+    c.resume("s").await.expect("resume");
+    let a = c
+        .answered("s", Some(Duration::from_millis(50)))
+        .await
+        .expect("answered");
+    assert_eq!(a.first_tcp_ms, None, "{a:?}");
+    assert!(a.resumed_ms_ago >= 50.0, "{a:?}");
+    assert_eq!(m.first_answer.count(), 1, "no answer, no observation");
+    let text = p.proxy.handle().metrics_text();
+    assert!(
+        text.contains("tether_proxy_first_answer_seconds_count{service=\"s\"} 1"),
+        "{text}"
+    );
+}

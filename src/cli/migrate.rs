@@ -217,6 +217,15 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 fin,
                 report.images.total_bytes
             );
+            if let (Some(a), Some(p)) = (report.timings.answered_ms, &report.proxy) {
+                let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+                eprintln!(
+                    "tether: the service answered through the proxy {a:.1} ms after the freeze \
+                     (first answer after the resume: TCP {}, UDP {})",
+                    ms(p.first_tcp_answer_ms),
+                    ms(p.first_udp_answer_ms)
+                );
+            }
             if let (Some(m), Some(e)) = (report.predicted_method(), &report.prediction_error) {
                 eprintln!(
                     "tether: predicted downtime {:.1} ms ({:+.0}%), total {:.1} ms ({:+.0}%), {} round(s)",

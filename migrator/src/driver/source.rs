@@ -408,6 +408,11 @@ async fn migrate_inner(
     };
     let mut result = drive(machine, ctx, gate, Some(Tracker::default()), cancel).await;
     result.report.criu = criu.path().display().to_string();
+    if let (Outcome::Committed, Some(p)) = (result.outcome, &opts.proxy) {
+        if let Err(e) = crate::gate::record_answers(p, &mut result.report).await {
+            warn!("the proxy could not say when the service answered after the resume: {e}");
+        }
+    }
     if result.outcome != Outcome::Committed && images.exists() && !keeps_images(result.outcome) {
         let _ = std::fs::remove_dir_all(&images);
     }
