@@ -88,6 +88,7 @@ async fn start_agent_with(
         in_doubt_timeout: Duration::from_secs(60),
         authorization,
         max_memory_bytes: 1 << 30,
+        hot_first_pages: 0,
     };
     let ports = AgentPorts {
         ckpt: Arc::new(FakeCheckpointer {

@@ -86,6 +86,14 @@ pub struct AgentArgs {
     /// passes.
     #[arg(long, value_enum, default_value_t = LazyArg::Auto)]
     lazy_restore: LazyArg,
+    /// With a lazy restore, memory copied in at once before the service runs, hot pages first:
+    /// its smallest memory regions (thread stacks, heaps: where a reply's work happens, not the
+    /// bulk of its state), then, if
+    /// they fit, the pages it wrote since the last pre-copy round. Adds about 1 ms per 2-4 MiB
+    /// to the downtime and spares the service page faults while it answers its first requests.
+    /// 0 leaves everything to the lazy fill.
+    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    hot_first_mib: u64,
 }
 
 /// `--lazy-restore` values.
@@ -120,6 +128,7 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             LazyArg::Never => LazyRestore::Never,
         },
         in_doubt_timeout: a.in_doubt_timeout,
+        hot_first_pages: a.hot_first_mib.saturating_mul(256),
         authorization: Authorization {
             sources: a.allow_sources,
             services: a.allow_services,

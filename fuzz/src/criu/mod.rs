@@ -1,5 +1,7 @@
 //! CRIU's images: page maps and their rebuild, the inventory and stats files.
 
+#[path = "../../../migrator/src/criu/eager.rs"]
+pub mod eager;
 #[path = "../../../migrator/src/criu/images.rs"]
 pub mod images;
 #[path = "../../../migrator/src/criu/pages.rs"]

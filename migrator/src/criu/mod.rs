@@ -6,6 +6,7 @@
 //! the tree) or roll back (CRIU unlocks and thaws it). The worker process is started before the
 //! freeze, so CRIU's start-up is not part of the downtime.
 
+pub mod eager;
 pub mod images;
 pub mod lazy;
 pub mod pages;

@@ -499,6 +499,9 @@ pub struct Totals {
     pub maps: usize,
     /// Data pages read or written.
     pub pages: u64,
+    /// Of which: pages a lazy restore copies in at once (hot pages first, see
+    /// [`eager`](super::eager)); 0 where no choice was made.
+    pub eager: u64,
 }
 
 /// The memory images of a dump directory: every page map found in it.
@@ -904,7 +907,14 @@ mod tests {
             got.get(&(o, a)).map(Vec::as_slice)
         })
         .expect("rebuild");
-        assert_eq!(totals, Totals { maps: 3, pages: 9 });
+        assert_eq!(
+            totals,
+            Totals {
+                maps: 3,
+                pages: 9,
+                eager: 0
+            }
+        );
         for id in 1..=3 {
             let name = pages_file_name(id);
             assert_eq!(
@@ -1018,6 +1028,67 @@ mod tests {
         assert_eq!(
             non_pagemap_files(out.path()).len(),
             3,
+            "no temporary file left"
+        );
+    }
+
+    #[test]
+    fn hot_first_clears_lazy_on_small_regions_and_patched_pages_only_in_process_maps() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // pid 1: a 2-page region, then a 6-page one; the final difference patches 2 pages of
+        // the big one.
+        write_dump(
+            d.path(),
+            Owner::Pid(1),
+            1,
+            &[
+                entry(0x1000_0000, 2, Some(PE_PRESENT | PE_LAZY)),
+                entry(0x2000_0000, 6, Some(PE_PRESENT | PE_LAZY)),
+            ],
+        );
+        let got = collect(d.path());
+        let out = tempfile::tempdir().expect("tempdir");
+        copy_pagemaps(d.path(), out.path());
+        let images = MemoryImages::load(out.path()).expect("load");
+        let mut draft = images
+            .draft_pages(out.path(), |o: Owner, a: u64| {
+                got.get(&(o, a)).map(Vec::as_slice)
+            })
+            .expect("draft");
+        let hot = [0x2000_3000u64, 0x2000_4000];
+        draft
+            .patch(
+                Owner::Pid(1),
+                hot.map(|a| (a, Some(got[&(Owner::Pid(1), a)].as_slice()))),
+            )
+            .expect("patch");
+        let totals = draft.finish_hot_first(4).expect("finish");
+        assert_eq!(totals.eager, 4, "the 2-page region and the 2 patched pages");
+        let a = std::fs::read(d.path().join(pages_file_name(1))).expect("original");
+        let b = std::fs::read(out.path().join(pages_file_name(1))).expect("rebuilt");
+        assert!(a == b, "the pages file is unchanged");
+        let map = MemoryImages::load(out.path())
+            .expect("reload")
+            .map(Owner::Pid(1))
+            .expect("pid 1")
+            .clone();
+        let runs: Vec<(u64, u64, bool)> = map
+            .entries
+            .iter()
+            .map(|e| (e.vaddr, e.nr_pages, e.lazy()))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![
+                (0x1000_0000, 2, false),
+                (0x2000_0000, 3, true),
+                (0x2000_3000, 2, false),
+                (0x2000_5000, 1, true),
+            ]
+        );
+        assert_eq!(
+            non_pagemap_files(out.path()).len(),
+            1,
             "no temporary file left"
         );
     }

@@ -14,7 +14,8 @@ use std::fs::File;
 use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 
-use super::pages::{MemoryImages, Owner, PageMap, PagesError, Totals, PAGE_SIZE};
+use super::eager::{self, EagerMarks};
+use super::pages::{pagemap_image, MemoryImages, Owner, PageMap, PagesError, Totals, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Largest write: contiguous pages are gathered up to this many (the kernel's `IOV_MAX`)
@@ -50,6 +51,8 @@ struct DraftFile {
     /// Per data page (by file offset / page size): still missing.
     missing: Vec<bool>,
     missing_count: u64,
+    /// Per data page: written by a patch (the final difference: the service's latest writes).
+    patched: Vec<bool>,
 }
 
 /// Contiguous pages gathered for one `pwritev`, written straight from where they are held.
@@ -159,6 +162,7 @@ impl MemoryImages {
                 // A page map's data pages fit in memory: they were parsed from it.
                 missing: vec![false; m.data_pages() as usize],
                 missing_count: 0,
+                patched: vec![false; m.data_pages() as usize],
             });
             // Invariant: the element was pushed on the line above.
             let f = draft.files.last_mut().expect("just pushed");
@@ -238,6 +242,9 @@ impl PagesDraft {
             };
             run.push(f, offset, page)?;
             f.mark_received(offset);
+            if let Some(p) = f.patched.get_mut((offset / PAGE) as usize) {
+                *p = true;
+            }
         }
         run.flush(f)
     }
@@ -250,7 +257,15 @@ impl PagesDraft {
     /// Completes the rebuild: fails if any listed page is still missing (naming the first, and
     /// counting the missing pages of its page map), else renames every file into place. On
     /// failure none of the files remains.
-    pub fn finish(mut self) -> Result<Totals, PagesError> {
+    pub fn finish(self) -> Result<Totals, PagesError> {
+        self.finish_hot_first(0)
+    }
+
+    /// [`finish`](Self::finish), and with a `budget` of pages above 0, rewrites the processes'
+    /// page maps so that a lazy restore copies their hot pages in at once (see
+    /// [`eager`](super::eager): the smallest regions, then the patched pages if they fit). The
+    /// pages files do not change; a full restore reads the same pages either way.
+    pub fn finish_hot_first(mut self, budget: u64) -> Result<Totals, PagesError> {
         for f in &self.files {
             if let Some(vaddr) = f.first_missing() {
                 return Err(PagesError::MissingPage {
@@ -270,6 +285,9 @@ impl PagesDraft {
             }
         }
         let mut totals = Totals::default();
+        if budget > 0 {
+            totals.eager = self.mark_hot_first(budget)?;
+        }
         for f in &self.files {
             std::fs::rename(&f.tmp, &f.path).map_err(io_err(&f.path))?;
             self.placed.push(f.path.clone());
@@ -279,6 +297,49 @@ impl PagesDraft {
         self.files.clear();
         self.placed.clear();
         Ok(totals)
+    }
+}
+
+impl PagesDraft {
+    /// Rewrites the processes' page maps with their hot pages not lazy; returns how many.
+    fn mark_hot_first(&self, budget: u64) -> Result<u64, PagesError> {
+        let tasks: Vec<&DraftFile> = self
+            .files
+            .iter()
+            .filter(|f| matches!(f.map.owner, Owner::Pid(_)))
+            .collect();
+        let mut left = budget;
+        let mut marks: Vec<EagerMarks> = tasks
+            .iter()
+            .map(|f| EagerMarks::new(f.patched.len()))
+            .collect();
+        for (f, m) in tasks.iter().zip(marks.iter_mut()) {
+            eager::mark_small_regions(&f.map, m, &mut left);
+        }
+        for (f, m) in tasks.iter().zip(marks.iter_mut()) {
+            eager::mark_hot(&f.map, m, &mut left, |i| {
+                f.patched.get(i).copied().unwrap_or(false)
+            });
+        }
+        let mut total = 0;
+        for (f, m) in tasks.iter().zip(&marks) {
+            if m.count == 0 {
+                continue;
+            }
+            let image = pagemap_image(f.map.pages_id, &eager::entries_with(&f.map, m));
+            let dir = f.path.parent().unwrap_or(Path::new("."));
+            let path = dir.join(&f.map.pagemap_file);
+            let tmp = dir.join(format!(".{}.part", f.map.pagemap_file));
+            let written = std::fs::write(&tmp, image)
+                .map_err(io_err(&tmp))
+                .and_then(|()| std::fs::rename(&tmp, &path).map_err(io_err(&path)));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written?;
+            total += m.count;
+        }
+        Ok(total)
     }
 }
 

@@ -82,6 +82,9 @@ pub struct AgentConfig {
     pub authorization: Authorization,
     /// Memory all migrations here may hold together (image files plus page stores), in bytes.
     pub max_memory_bytes: u64,
+    /// With a lazy restore, pages copied in at once, hot pages first (see
+    /// [`crate::criu::eager`]); 0: none beyond CRIU's own.
+    pub hot_first_pages: u64,
 }
 
 /// Whether the agent restores memory lazily: the service runs as soon as its mappings exist and
@@ -917,8 +920,14 @@ where
                 }
             }
             AgentAction::FinishRebuild => {
+                // Hot pages first only where a lazy-pages daemon will fill the rest.
+                let hot_first = if self.lazy.is_some() {
+                    self.shared.cfg.hot_first_pages
+                } else {
+                    0
+                };
                 let r = match self.receiver() {
-                    Ok(r) => r.finish_rebuild().await,
+                    Ok(r) => r.finish_rebuild(hot_first).await,
                     Err(e) => Err(e),
                 };
                 machine.handle(now(), AgentEvent::Rebuilt(r));

@@ -226,8 +226,9 @@ impl Receiver {
     }
 
     /// Completes CRIU's page files with the final difference; a page the dump needs and nobody
-    /// sent fails here.
-    pub async fn finish_rebuild(&mut self) -> Result<(), PortError> {
+    /// sent fails here. With `hot_first` pages above 0, the page maps mark that many hot pages
+    /// for a lazy restore to copy in at once ([`crate::criu::eager`]).
+    pub async fn finish_rebuild(&mut self, hot_first: u64) -> Result<(), PortError> {
         let t = Instant::now();
         let task = self
             .draft
@@ -249,7 +250,7 @@ impl Receiver {
             for (owner, b) in &pages {
                 drafted.patch(*owner, b.pages.iter().map(|(a, p)| (*a, p.as_deref())))?;
             }
-            drafted.finish()
+            drafted.finish_hot_first(hot_first)
         })
         .await
         .map_err(|e| {
