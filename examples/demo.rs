@@ -100,6 +100,8 @@ fn main() -> anyhow::Result<()> {
         proxy: true,
         full_restore_on: Vec::new(),
         proxy_max_hold_ms: None,
+        hot_first_mib: None,
+        interpreted: false,
     };
     println!(
         "tether demo: service with {} MiB state rewriting {} pages/s, {} TCP + {} QUIC clients through tether-proxy and as many direct, src-dst link {}",

@@ -45,6 +45,14 @@ struct Args {
     /// instead of lazily.
     #[arg(long)]
     full_restore: bool,
+    /// The agents' `--hot-first-mib` (memory a lazy restore copies in at once, hot pages
+    /// first; 0: none); their default if not given.
+    #[arg(long, value_name = "MIB")]
+    hot_first_mib: Option<u64>,
+    /// Move examples/interpreted_service.py (CPython, TCP only; needs --quic 0) instead of the
+    /// example service.
+    #[arg(long)]
+    interpreted: bool,
     /// Also write the run as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -64,7 +72,12 @@ fn main() -> anyhow::Result<()> {
         link_mbit: a.link_mbit,
         interval_ms: a.interval_ms,
         full_restore: a.full_restore,
+        hot_first_mib: a.hot_first_mib,
+        interpreted: a.interpreted,
     };
+    if cfg.interpreted && cfg.quic > 0 {
+        bail!("the interpreted service speaks TCP only: add --quic 0");
+    }
     println!(
         "tether soak: {} TCP + {} QUIC clients through the proxy and as many direct, {} moves, \
          {} MiB state rewriting {} pages/s, link {} Mbit/s, a request every {} ms per connection",

@@ -55,8 +55,8 @@ working_criu() {
     done
 }
 
-# Runtime tools tether and its tests need.
-apt_install nftables libnftables1 iproute2 util-linux procps ca-certificates
+# Runtime tools tether and its tests need (python3: the interpreted example service).
+apt_install nftables libnftables1 iproute2 util-linux procps ca-certificates python3
 
 if c=$(working_criu) && [ -n "$c" ]; then
     log "CRIU ok: $c ($("$c" --version | head -1))"

@@ -82,6 +82,11 @@ pub struct ScenarioConfig {
     pub full_restore_on: Vec<Host>,
     /// The proxy's maximum hold, ms (its default, 5000, if `None`).
     pub proxy_max_hold_ms: Option<u64>,
+    /// The agents' `--hot-first-mib` (their default if `None`).
+    pub hot_first_mib: Option<u64>,
+    /// Run `examples/interpreted_service.py` (CPython, TCP only: start no QUIC clients) instead
+    /// of the example service.
+    pub interpreted: bool,
 }
 
 impl Default for ScenarioConfig {
@@ -93,9 +98,17 @@ impl Default for ScenarioConfig {
             proxy: false,
             full_restore_on: Vec::new(),
             proxy_max_hold_ms: None,
+            hot_first_mib: None,
+            interpreted: false,
         }
     }
 }
+
+/// The interpreted service (`ScenarioConfig::interpreted`), run with `python3`.
+pub const INTERPRETED_SERVICE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/interpreted_service.py"
+);
 
 /// The proxy's name for the example service.
 pub const PROXY_SERVICE: &str = "example";
@@ -117,6 +130,8 @@ pub struct Scenario {
     client_runs: u32,
     /// Hosts whose agent restores fully (`--lazy-restore never`).
     full_restore: Vec<Host>,
+    /// The agents' `--hot-first-mib`, if set.
+    hot_first_mib: Option<u64>,
 }
 
 /// A process's resident memory and CPU time (from `/proc`).
@@ -181,6 +196,7 @@ impl Scenario {
             migrations: 0,
             client_runs: 0,
             full_restore: cfg.full_restore_on.clone(),
+            hot_first_mib: cfg.hot_first_mib,
         };
         s.topo.run(
             Host::Src,
@@ -191,19 +207,33 @@ impl Scenario {
         }
         let log = s.topo.work_dir().join("service.log");
         let listen = s.service_addr().to_string();
-        let svc = s.topo.spawn_service(
-            Host::Src,
-            &s.bins.service,
-            [
-                "--listen",
-                &listen,
-                "--state-mb",
-                &cfg.state_mb.to_string(),
-                "--dirty-pages-per-sec",
-                &cfg.dirty_pages_per_sec.to_string(),
-            ],
-            Some(&log),
-        )?;
+        let mut args = vec![
+            "--listen".to_string(),
+            listen,
+            "--state-mb".to_string(),
+            cfg.state_mb.to_string(),
+            "--dirty-pages-per-sec".to_string(),
+            cfg.dirty_pages_per_sec.to_string(),
+        ];
+        let program = if cfg.interpreted {
+            let found = std::process::Command::new("python3")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !found {
+                anyhow::bail!(
+                    "the interpreted service needs python3, which is missing here (scripts/setup.sh \
+                     installs it)"
+                );
+            }
+            args.insert(0, INTERPRETED_SERVICE.to_string());
+            PathBuf::from("python3")
+        } else {
+            s.bins.service.clone()
+        };
+        let svc = s
+            .topo
+            .spawn_service(Host::Src, &program, &args, Some(&log))?;
         s.pid = svc.pid();
         s.service = Some(svc);
         s.topo
@@ -318,40 +348,44 @@ impl Scenario {
         let work = work.display().to_string();
         let state = self.topo.work_dir().join(format!("state-{}", host.name()));
         let listen = self.agent_addr(host).to_string();
-        let certs = self.certs(host);
+        let certs = self.certs(host).display().to_string();
+        let state = state.display().to_string();
+        let metrics = format!("127.0.0.1:{AGENT_METRICS_PORT}");
+        let allowed = service_block(self.topo.service_cidr());
         let lazy = if self.full_restore.contains(&host) {
             "never"
         } else {
             "auto"
         };
-        let proc = self.topo.spawn_env(
-            host,
-            &self.bins.tether,
-            [
-                "agent",
-                "--lazy-restore",
-                lazy,
-                "--listen",
-                &listen,
-                "--certs",
-                &certs.display().to_string(),
-                "--work-dir",
-                &work,
-                "--state-dir",
-                &state.display().to_string(),
-                "--metrics",
-                &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
-                // Both test hosts move the service, each way.
-                "--allow-source",
-                Host::Src.name(),
-                "--allow-source",
-                Host::Dst.name(),
-                "--allow-service",
-                &service_block(self.topo.service_cidr()),
-            ],
-            env,
-            Some(&log),
-        )?;
+        let hot_first = self.hot_first_mib.map(|m| m.to_string());
+        let mut args = vec![
+            "agent",
+            "--lazy-restore",
+            lazy,
+            "--listen",
+            &listen,
+            "--certs",
+            &certs,
+            "--work-dir",
+            &work,
+            "--state-dir",
+            &state,
+            "--metrics",
+            &metrics,
+            // Both test hosts move the service, each way.
+            "--allow-source",
+            Host::Src.name(),
+            "--allow-source",
+            Host::Dst.name(),
+            "--allow-service",
+            &allowed,
+        ];
+        if let Some(m) = &hot_first {
+            args.extend(["--hot-first-mib", m.as_str()]);
+        }
+        let proc = self
+            .topo
+            .spawn_env(host, &self.bins.tether, args, env, Some(&log))?;
         self.agents.push((host, proc));
         wait_for_log(&log, before, "agent ready", Duration::from_secs(20))
             .with_context(|| format!("agent on {host} did not start"))

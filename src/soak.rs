@@ -37,6 +37,10 @@ pub struct SoakConfig {
     /// Restore with all memory in place before the service runs (`--lazy-restore never` on both
     /// agents) instead of lazily.
     pub full_restore: bool,
+    /// The agents' `--hot-first-mib` (their default if `None`).
+    pub hot_first_mib: Option<u64>,
+    /// Move `examples/interpreted_service.py` (TCP only) instead of the example service.
+    pub interpreted: bool,
 }
 
 /// Stalls of one path and protocol in one move, ms.
@@ -141,6 +145,8 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
             Vec::new()
         },
         proxy_max_hold_ms: None,
+        hot_first_mib: cfg.hot_first_mib,
+        interpreted: cfg.interpreted,
     };
     let mut s = Scenario::start(bins, &sc).context("starting the test bed")?;
     writeln!(

@@ -26,6 +26,8 @@ fn proxied(cfg: ScenarioConfig) -> Scenario {
     scenario(&ScenarioConfig {
         proxy: true,
         proxy_max_hold_ms: Some(60_000),
+        hot_first_mib: None,
+        interpreted: false,
         ..cfg
     })
 }

@@ -122,6 +122,8 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
         proxy: false,
         full_restore_on: Vec::new(),
         proxy_max_hold_ms: None,
+        hot_first_mib: None,
+        interpreted: false,
     });
     let pid = s.pid();
     s.verify_state().expect("state verifies");

@@ -21,6 +21,8 @@ fn the_service_moves_4_times_under_120_clients_per_path_without_a_client_error()
         link_mbit: 1000,
         interval_ms: 10,
         full_restore: false,
+        hot_first_mib: None,
+        interpreted: false,
     };
     let mut out = Vec::new();
     let summary = soak::run(bins, &cfg, &mut out).expect("the soak runs");

@@ -474,6 +474,8 @@ fn measure_baseline(bins: &Binaries, args: &Args) -> anyhow::Result<Baseline> {
             proxy: false,
             full_restore_on: args.full_restore_on(),
             proxy_max_hold_ms: None,
+            hot_first_mib: None,
+            interpreted: false,
         },
     )
     .context("starting the baseline scenario")?;
@@ -588,6 +590,8 @@ fn fill_cell(
             proxy: false,
             full_restore_on: args.full_restore_on(),
             proxy_max_hold_ms: None,
+            hot_first_mib: None,
+            interpreted: false,
         },
     )
     .context("starting the scenario")?;

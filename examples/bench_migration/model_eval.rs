@@ -75,6 +75,8 @@ pub fn calibrate_links(
                     proxy: false,
                     full_restore_on: full_restore_on.to_vec(),
                     proxy_max_hold_ms: None,
+                    hot_first_mib: None,
+                    interpreted: false,
                 },
             )
             .context("starting a calibration scenario")?;
