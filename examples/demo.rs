@@ -123,12 +123,12 @@ fn main() -> anyhow::Result<()> {
         s.proxy_addr()
     );
     println!(
-        "{:<11} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>9} {:>8} {:>11} {:>11} {:>11} {:>11} {:>6} {:>6}",
-        "move", "rounds", "precopy", "final", "downtime", "dump", "transfer", "restore", "commit", "proxy tcp", "proxy quic", "direct tcp", "direct quic", "errors", "state"
+        "{:<11} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>9} {:>8} {:>9} {:>11} {:>11} {:>11} {:>11} {:>6} {:>6}",
+        "move", "rounds", "precopy", "final", "downtime", "dump", "transfer", "restore", "commit", "answered", "proxy tcp", "proxy quic", "direct tcp", "direct quic", "errors", "state"
     );
     println!(
-        "{:<11} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>9} {:>8} {:>11} {:>11} {:>11} {:>11} {:>6} {:>6}",
-        "", "", "MiB", "MiB", "ms", "ms", "ms", "ms", "ms", "stall ms", "stall ms", "stall ms", "stall ms", "", ""
+        "{:<11} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>9} {:>8} {:>9} {:>11} {:>11} {:>11} {:>11} {:>6} {:>6}",
+        "", "", "MiB", "MiB", "ms", "ms", "ms", "ms", "ms", "ms", "stall ms", "stall ms", "stall ms", "stall ms", "", ""
     );
     let mut failures = 0;
     let via_proxy = s.proxy_addr();
@@ -204,7 +204,7 @@ fn main() -> anyhow::Result<()> {
             .map_or(0, |f| f.bytes);
         let t = &report.timings;
         println!(
-            "{:<11} {:>6} {:>9.1} {:>8.2} {:>9.1} {:>8.1} {:>10.1} {:>9.1} {:>8.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>6} {:>6}",
+            "{:<11} {:>6} {:>9.1} {:>8.2} {:>9.1} {:>8.1} {:>10.1} {:>9.1} {:>8.1} {:>9} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>6} {:>6}",
             format!("{from} -> {to}"),
             report.precopy.rounds.len(),
             mib(pre as f64),
@@ -214,6 +214,7 @@ fn main() -> anyhow::Result<()> {
             t.transfer_ms,
             t.restore_ms,
             t.commit_ms,
+            t.answered_ms.map_or("-".to_string(), |a| format!("{a:.1}")),
             p.tcp.max_stall_ms,
             p.quic.max_stall_ms,
             d.tcp.max_stall_ms,
@@ -237,7 +238,8 @@ fn main() -> anyhow::Result<()> {
          from letting CRIU freeze the service to the destination's confirmation that it runs there, as seen by the source; \
          restore: the destination's restore (left stopped); commit: from its report to that confirmation (the source \
          answering CRIU, the commit's round trip, the destination lifting its block, announcing the address and \
-         resuming the service); stall: longest wait for a reply \
+         resuming the service); answered: from the freeze to the service's first reply through the proxy after \
+         the resume (the downtime its clients saw); stall: longest wait for a reply \
          on any client connection (includes the 1 ms pause between requests)."
     );
     drop(s);
