@@ -53,11 +53,18 @@ enum Slot {
     Data(u32),
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    slot: Slot,
+    /// Sent again after its first round: the service wrote it during pre-copy.
+    rewritten: bool,
+}
+
 /// Pages received so far, keyed by (owner, address).
 #[derive(Debug)]
 pub struct PageStore {
     layout: HashMap<u64, Vec<(u64, u64)>>,
-    index: HashMap<(u64, u64), Slot>,
+    index: HashMap<(u64, u64), Entry>,
     slab: Vec<u8>,
     free: Vec<u32>,
     /// Ranges announced, all owners together.
@@ -121,7 +128,11 @@ impl PageStore {
             .copied()
             .collect();
         for k in gone {
-            if let Some(Slot::Data(i)) = self.index.remove(&k) {
+            if let Some(Entry {
+                slot: Slot::Data(i),
+                ..
+            }) = self.index.remove(&k)
+            {
                 self.free.push(i);
             }
         }
@@ -146,7 +157,7 @@ impl PageStore {
         // At most what the batch adds (a page twice in one batch is counted twice).
         let (mut new_data, mut new_entries) = (0u64, 0u64);
         for (a, d) in &batch.pages {
-            let held = self.index.get(&(batch.owner, *a));
+            let held = self.index.get(&(batch.owner, *a)).map(|e| e.slot);
             new_entries += u64::from(held.is_none());
             new_data += u64::from(d.is_some() && !matches!(held, Some(Slot::Data(_))));
         }
@@ -156,17 +167,17 @@ impl PageStore {
         }
         for (addr, data) in &batch.pages {
             let key = (batch.owner, *addr);
-            match (data, self.index.get(&key).copied()) {
+            let held = self.index.get(&key).map(|e| e.slot);
+            let slot = match (data, held) {
                 (None, Some(Slot::Data(i))) => {
                     self.free.push(i);
-                    self.index.insert(key, Slot::Zero);
+                    Slot::Zero
                 }
-                (None, _) => {
-                    self.index.insert(key, Slot::Zero);
-                }
+                (None, _) => Slot::Zero,
                 (Some(d), Some(Slot::Data(i))) => {
                     let at = i as usize * PAGE;
                     self.slab[at..at + PAGE].copy_from_slice(d);
+                    Slot::Data(i)
                 }
                 (Some(d), _) => {
                     let i = match self.free.pop() {
@@ -181,19 +192,32 @@ impl PageStore {
                             i
                         }
                     };
-                    self.index.insert(key, Slot::Data(i));
+                    Slot::Data(i)
                 }
-            }
+            };
+            self.index.insert(
+                key,
+                Entry {
+                    slot,
+                    rewritten: held.is_some(),
+                },
+            );
         }
         Ok(())
     }
 
+    /// Whether the page was sent again after the round that first brought it: the service
+    /// wrote it while pre-copy ran (one of its recent writes).
+    pub fn rewritten(&self, owner: u64, addr: u64) -> bool {
+        self.index.get(&(owner, addr)).is_some_and(|e| e.rewritten)
+    }
+
     /// The held content of a page.
     pub fn get(&self, owner: u64, addr: u64) -> Option<&[u8]> {
-        match self.index.get(&(owner, addr))? {
+        match self.index.get(&(owner, addr))?.slot {
             Slot::Zero => Some(&ZERO),
             Slot::Data(i) => {
-                let at = *i as usize * PAGE;
+                let at = i as usize * PAGE;
                 self.slab.get(at..at + PAGE)
             }
         }
@@ -263,6 +287,39 @@ mod tests {
         assert_eq!(s.get(1, 0x2000), Some(&[2u8; PAGE][..]));
         assert_eq!(s.len(), 2);
         assert_eq!(s.slab.len(), PAGE, "the freed slot was reused");
+    }
+
+    #[test]
+    fn pages_sent_again_after_their_first_round_are_the_services_recent_writes() {
+        let mut s = PageStore::new(1 << 20);
+        s.announce(1, vec![(0x1000, 0x5000)]).expect("layout");
+        s.apply(&batch(
+            1,
+            vec![(0x1000, page(1)), (0x2000, page(1)), (0x3000, None)],
+        ))
+        .expect("round 0");
+        assert!(!s.rewritten(1, 0x1000) && !s.rewritten(1, 0x3000));
+        s.apply(&batch(
+            1,
+            vec![(0x2000, page(2)), (0x3000, page(3)), (0x4000, page(4))],
+        ))
+        .expect("round 1");
+        assert!(!s.rewritten(1, 0x1000), "not sent again");
+        assert!(
+            s.rewritten(1, 0x2000) && s.rewritten(1, 0x3000),
+            "sent again"
+        );
+        assert!(!s.rewritten(1, 0x4000), "first sent in round 1");
+        s.apply(&batch(1, vec![(0x1000, page(5))]))
+            .expect("round 2");
+        assert!(
+            s.rewritten(1, 0x1000) && s.rewritten(1, 0x2000),
+            "a rewrite is remembered"
+        );
+        assert!(
+            !s.rewritten(2, 0x1000) && !s.rewritten(1, 0x9000),
+            "unknown pages"
+        );
     }
 
     #[test]

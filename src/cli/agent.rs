@@ -88,11 +88,11 @@ pub struct AgentArgs {
     lazy_restore: LazyArg,
     /// With a lazy restore, memory copied in at once before the service runs, hot pages first:
     /// its smallest memory regions (thread stacks, heaps: where a reply's work happens, not the
-    /// bulk of its state), then, if
-    /// they fit, the pages it wrote since the last pre-copy round. Adds about 1 ms per 2-4 MiB
-    /// to the downtime and spares the service page faults while it answers its first requests.
-    /// 0 leaves everything to the lazy fill.
-    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    /// bulk of its state), then the pages it wrote since the last pre-copy round if they fit,
+    /// then pages it wrote during pre-copy. Adds about 1 ms per 1-2 MiB to the restore and
+    /// spares the service page faults while it answers its first requests. 0 leaves everything
+    /// to the lazy fill.
+    #[arg(long, value_name = "MIB", default_value_t = tether_migrator::criu::eager::DEFAULT_BUDGET_PAGES / 256)]
     hot_first_mib: u64,
 }
 

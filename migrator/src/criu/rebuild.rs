@@ -53,6 +53,8 @@ struct DraftFile {
     missing_count: u64,
     /// Per data page: written by a patch (the final difference: the service's latest writes).
     patched: Vec<bool>,
+    /// Per data page: written by the service while pre-copy ran ([`PagesDraft::mark_recent`]).
+    recent: Vec<bool>,
 }
 
 /// Contiguous pages gathered for one `pwritev`, written straight from where they are held.
@@ -163,6 +165,7 @@ impl MemoryImages {
                 missing: vec![false; m.data_pages() as usize],
                 missing_count: 0,
                 patched: vec![false; m.data_pages() as usize],
+                recent: Vec::new(),
             });
             // Invariant: the element was pushed on the line above.
             let f = draft.files.last_mut().expect("just pushed");
@@ -249,6 +252,18 @@ impl PagesDraft {
         run.flush(f)
     }
 
+    /// Notes which pages the service wrote while pre-copy ran (`recent(owner, vaddr)`), for
+    /// [`finish_hot_first`](Self::finish_hot_first).
+    pub fn mark_recent(&mut self, recent: impl Fn(Owner, u64) -> bool) {
+        for f in &mut self.files {
+            f.recent = f
+                .map
+                .data_page_addrs()
+                .map(|a| recent(f.map.owner, a))
+                .collect();
+        }
+    }
+
     /// Pages the page maps list that neither the source of the draft nor a patch supplied.
     pub fn missing(&self) -> u64 {
         self.files.iter().map(|f| f.missing_count).sum()
@@ -263,7 +278,8 @@ impl PagesDraft {
 
     /// [`finish`](Self::finish), and with a `budget` of pages above 0, rewrites the processes'
     /// page maps so that a lazy restore copies their hot pages in at once (see
-    /// [`eager`](super::eager): the smallest regions, then the patched pages if they fit). The
+    /// [`eager`](super::eager): the smallest regions, then the patched pages if they fit, then
+    /// the pages written during pre-copy while the budget lasts). The
     /// pages files do not change; a full restore reads the same pages either way.
     pub fn finish_hot_first(mut self, budget: u64) -> Result<Totals, PagesError> {
         for f in &self.files {
@@ -319,6 +335,11 @@ impl PagesDraft {
         for (f, m) in tasks.iter().zip(marks.iter_mut()) {
             eager::mark_hot(&f.map, m, &mut left, |i| {
                 f.patched.get(i).copied().unwrap_or(false)
+            });
+        }
+        for (f, m) in tasks.iter().zip(marks.iter_mut()) {
+            eager::mark_while(&f.map, m, &mut left, |i| {
+                f.recent.get(i).copied().unwrap_or(false)
             });
         }
         let mut total = 0;

@@ -189,7 +189,12 @@ impl Receiver {
         let (maps, dir) = (images.clone(), self.dir.clone());
         self.draft = Some(tokio::task::spawn_blocking(move || {
             let t = Instant::now();
-            let d = maps.draft_pages(&dir, |owner, vaddr| store.get(owner.code(), vaddr));
+            let d = maps
+                .draft_pages(&dir, |owner, vaddr| store.get(owner.code(), vaddr))
+                .map(|mut d| {
+                    d.mark_recent(|owner, vaddr| store.rewritten(owner.code(), vaddr));
+                    d
+                });
             (d, t.elapsed())
         }));
         self.images = Some(images);
