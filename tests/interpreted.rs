@@ -72,6 +72,27 @@ fn an_interpreted_service_moves_and_its_proxied_clients_stall_until_it_answers_o
             p.tcp.max_stall_ms,
             d.tcp.max_stall_ms
         );
+        // The memory the move cost beyond the service's own: both hosts hold at least the
+        // state once (the source's dump; the destination's page store or pages files).
+        let m = &report.memory;
+        let state = 32u64 << 20;
+        println!(
+            "move {i}: memory beyond the service: source dump {} MiB, tether {} MiB, CRIU {} \
+             MiB; destination held {:?} MiB",
+            m.source_dump_bytes >> 20,
+            m.source_tether_rss_bytes >> 20,
+            m.source_criu_rss_bytes >> 20,
+            m.destination_held_bytes.map(|b| b >> 20)
+        );
+        assert!(m.source_dump_bytes >= state, "{m:?}");
+        assert!(
+            m.source_tether_rss_bytes > 0 && m.source_criu_rss_bytes > 0,
+            "{m:?}"
+        );
+        assert!(
+            m.destination_held_bytes.is_some_and(|b| b >= state),
+            "{m:?}"
+        );
         assert!(
             lag <= ANSWER_LAG_MAX_MS,
             "move {i}: the service's first answer came {lag:.1} ms after the release"

@@ -15,7 +15,8 @@
 //! - The real adapters and tools: [`criu`] (CRIU over its RPC; [`criu::tree`] is the
 //!   checkpointer of a process tree), [`hostnet`] (the service address, blocks, ARP),
 //!   [`gate`] (tether-proxy), [`journal`] (records on disk), [`procmem`], [`pagestore`],
-//!   [`precopy`], [`throttle`], [`tls`], [`transport`], [`dirs`].
+//!   [`precopy`], [`throttle`], [`tls`], [`transport`], [`dirs`], [`peaks`] (a process's peak
+//!   memory and its children's).
 //! - [`driver`]: the async drivers that run the machines against those: `tether migrate` and
 //!   `tether agent`.
 //! - [`metrics`], [`progress`]: the agent's Prometheus metrics, progress lines.
@@ -32,6 +33,7 @@ pub mod machine;
 pub mod metrics;
 pub mod model;
 pub mod pagestore;
+pub mod peaks;
 pub mod plan;
 pub mod policy;
 pub mod ports;

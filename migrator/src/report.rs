@@ -154,6 +154,9 @@ pub struct Report {
     pub precopy: PrecopySummary,
     /// The proxy's pause, if a proxy was used.
     pub proxy: Option<ProxyReport>,
+    /// The most memory the migration used beyond the service's own, per host.
+    #[serde(default)]
+    pub memory: MemoryPeaks,
     /// The model's prediction made before the migration started (state size and dirty rate
     /// measured live, the calibration profile's host terms), if one was made.
     #[serde(default)]
@@ -234,6 +237,7 @@ impl Report {
             criu: String::new(),
             precopy: PrecopySummary::default(),
             proxy: None,
+            memory: MemoryPeaks::default(),
             prediction: None,
             prediction_error: None,
         }
@@ -270,6 +274,22 @@ pub struct ProxyReport {
     /// From the resume to the service's first datagram toward a UDP client, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_udp_answer_ms: Option<f64>,
+}
+
+/// The most memory a migration used beyond the service's own, per host. The target is at most
+/// one extra copy of the state per host at any moment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryPeaks {
+    /// Source: CRIU's local dump on tmpfs (image files and every dumped page), bytes.
+    pub source_dump_bytes: u64,
+    /// Source: the peak resident memory of `tether migrate` itself, bytes.
+    pub source_tether_rss_bytes: u64,
+    /// Source: the peak resident memory of its largest child process (CRIU's worker), bytes.
+    pub source_criu_rss_bytes: u64,
+    /// Destination: the most memory the migration held there before the restore (page store,
+    /// image files, rebuilt pages files), bytes; `None` from an agent that does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_held_bytes: Option<u64>,
 }
 
 /// Memory transfer figures: pre-copy rounds (none for stop-and-copy) and the final difference.

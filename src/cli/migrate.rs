@@ -217,6 +217,21 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 fin,
                 report.images.total_bytes
             );
+            let m = &report.memory;
+            let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+            eprintln!(
+                "tether: memory beyond the service: source {:.1} MiB (CRIU's dump {:.1}, tether \
+                 {:.1}, CRIU {:.1} at their peaks), destination {}",
+                mib(m.source_dump_bytes + m.source_tether_rss_bytes + m.source_criu_rss_bytes),
+                mib(m.source_dump_bytes),
+                mib(m.source_tether_rss_bytes),
+                mib(m.source_criu_rss_bytes),
+                m.destination_held_bytes
+                    .map_or("not reported".to_string(), |b| format!(
+                        "{:.1} MiB held before the restore",
+                        mib(b)
+                    ))
+            );
             if let (Some(a), Some(p)) = (report.timings.answered_ms, &report.proxy) {
                 let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
                 eprintln!(

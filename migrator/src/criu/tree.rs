@@ -267,6 +267,7 @@ impl Checkpointer for CriuTree {
             pid: r.pid,
             criu_restore_ms: r.elapsed.as_secs_f64() * 1e3,
             stats: Some(stats),
+            held_bytes: None,
         })
     }
 

@@ -950,9 +950,13 @@ where
                     move |pid: i32| emit(AgentEvent::RestoreStarted { pid })
                 };
                 let restore_duration = self.shared.metrics.clone();
+                let held_bytes = self.receiver.as_ref().map(Receiver::peak);
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let r = ckpt.restore_stopped(&images, lazy, on_pid).await;
+                    let r = ckpt
+                        .restore_stopped(&images, lazy, on_pid)
+                        .await
+                        .map(|info| crate::machine::agent::RestoreInfo { held_bytes, ..info });
                     restore_duration.restore_duration.observe(t.elapsed());
                     if let Ok(info) = &r {
                         lock(&children).push(info.pid);

@@ -49,6 +49,9 @@ pub struct Receiver {
     rebuilt_bytes: u64,
     /// Page data of the final difference held until the rebuild patches it in.
     final_bytes: u64,
+    /// The most memory held at once so far (what `account` charges, and the page store while
+    /// the rebuild still reads it), bytes.
+    peak: u64,
 }
 
 fn limit(e: impl std::fmt::Display) -> PortError {
@@ -78,6 +81,7 @@ impl Receiver {
             budget,
             file_bytes: 0,
             rebuilt_bytes: 0,
+            peak: 0,
             final_bytes: 0,
         })
     }
@@ -85,9 +89,15 @@ impl Receiver {
     /// Charges what this migration holds now to the host's budget.
     fn account(&mut self) -> Result<(), PortError> {
         let store = self.store.as_ref().map_or(0, PageStore::memory);
-        self.budget
-            .set(store + self.file_bytes + self.rebuilt_bytes + self.final_bytes)
-            .map_err(limit)
+        let held = store + self.file_bytes + self.rebuilt_bytes + self.final_bytes;
+        self.peak = self.peak.max(held);
+        self.budget.set(held).map_err(limit)
+    }
+
+    /// The most memory this migration has held here at once, bytes: page store, image files,
+    /// rebuilt pages files and the final difference waiting for them.
+    pub fn peak(&self) -> u64 {
+        self.peak
     }
 
     /// Pre-copy: an owner's memory ranges.
@@ -171,6 +181,12 @@ impl Receiver {
             .map_err(|e| limit(format!("{e} (--max-image-mib, with the image files)")))?;
         self.rebuilt_bytes = declared;
         self.account()?;
+        // The rebuild reads the store while it writes the pages files: both at once.
+        if let Some(store) = &self.store {
+            self.peak = self
+                .peak
+                .max(store.memory() + self.file_bytes + self.rebuilt_bytes);
+        }
         let mut store = self
             .store
             .take()

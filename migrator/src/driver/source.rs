@@ -408,6 +408,7 @@ async fn migrate_inner(
     };
     let mut result = drive(machine, ctx, gate, Some(Tracker::default()), cancel).await;
     result.report.criu = criu.path().display().to_string();
+    record_source_memory(&mut result.report);
     if let (Outcome::Committed, Some(p)) = (result.outcome, &opts.proxy) {
         if let Err(e) = crate::gate::record_answers(p, &mut result.report).await {
             warn!("the proxy could not say when the service answered after the resume: {e}");
@@ -417,6 +418,21 @@ async fn migrate_inner(
         let _ = std::fs::remove_dir_all(&images);
     }
     into_result(result, &images)
+}
+
+/// Puts the source's side of the migration's memory cost in `report`: CRIU's local dump (image
+/// files and every dumped page, on tmpfs), this process's peak and CRIU's worker's.
+fn record_source_memory(report: &mut Report) {
+    let sent_pages = report
+        .precopy
+        .final_difference
+        .as_ref()
+        .map_or(0, |f| f.bytes);
+    let files = report.images.total_bytes.saturating_sub(sent_pages);
+    let m = &mut report.memory;
+    m.source_dump_bytes = files + report.images.pages_bytes;
+    m.source_tether_rss_bytes = crate::peaks::own_peak_rss();
+    m.source_criu_rss_bytes = crate::peaks::children_peak_rss();
 }
 
 /// Whether the image set must be kept after a migration that ended so: it is the way back.

@@ -168,6 +168,9 @@ pub struct RestoreInfo {
     pub criu_restore_ms: f64,
     /// CRIU's statistics.
     pub stats: Option<CriuRestoreStats>,
+    /// The most memory this migration held here before the restore (page store, image files,
+    /// rebuilt pages files), bytes, where the driver knows it.
+    pub held_bytes: Option<u64>,
 }
 
 /// Simple steps whose completion is reported with [`AgentEvent::Completed`].
@@ -709,6 +712,7 @@ impl AgentMachine {
                     restore_ms,
                     criu_restore_ms: info.criu_restore_ms,
                     stats: info.stats,
+                    held_bytes: info.held_bytes,
                 });
                 if self.connected {
                     self.deadline = Some(now + self.cfg.timeouts.commit);

@@ -1176,10 +1176,12 @@ impl SourceMachine {
                     restore_ms,
                     criu_restore_ms,
                     stats,
+                    held_bytes,
                 }),
             ) if self.images_done => {
                 // ═══ the commit point ═══
                 self.restored_at = Some(now);
+                self.report.memory.destination_held_bytes = held_bytes;
                 self.report.destination_pid = Some(pid);
                 self.report.timings.restore_ms = restore_ms;
                 if let Some(h) = self.held_at {

@@ -223,6 +223,7 @@ impl Checkpointer for FakeCheckpointer {
             pid: 4242,
             criu_restore_ms: 1.0,
             stats: None,
+            held_bytes: None,
         })
     }
 

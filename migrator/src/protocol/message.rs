@@ -184,6 +184,10 @@ pub enum FromAgent {
         criu_restore_ms: f64,
         /// CRIU's restore statistics, if it wrote them.
         stats: Option<CriuRestoreStats>,
+        /// The most memory the migration held on the destination before the restore (page
+        /// store, image files, rebuilt pages files), bytes; absent from older agents.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held_bytes: Option<u64>,
     },
     /// The destination failed and has undone its part.
     Failed {

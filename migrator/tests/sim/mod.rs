@@ -1436,6 +1436,7 @@ impl Sim {
                             pid: 200,
                             criu_restore_ms: 40.0,
                             stats: None,
+                            held_bytes: None,
                         }),
                     ),
                 );
