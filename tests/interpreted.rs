@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_clean, scenario};
+use common::{proxied_move, scenario};
 use tether::scenario::ScenarioConfig;
 use tether::testbed::Host;
 
@@ -39,16 +39,7 @@ fn an_interpreted_service_moves_and_its_proxied_clients_stall_until_it_answers_o
             .start_clients_to(service, 8, 0, Duration::from_secs(6), None, &busy)
             .expect("direct clients");
         std::thread::sleep(Duration::from_millis(1500));
-        let args = s.proxy_args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let run = s.migrate_with(to, None, &args).expect("run migrate");
-        assert!(run.success, "move {i}: {}", run.stderr);
-        let report = run.report.expect("report");
-        let p = proxied.finish().expect("proxied report");
-        let d = direct.finish().expect("direct report");
-        s.verify_state().expect("state verifies");
-        assert_clean(&p, "via proxy");
-        assert_clean(&d, "direct");
+        let (report, p, d) = proxied_move(&mut s, i, to, &[], proxied, direct);
         assert!(
             p.tcp.requests > 0 && d.tcp.requests > 0,
             "the clients made requests"

@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_clean, scenario};
+use common::{proxied_move, scenario};
 use tether::scenario::ScenarioConfig;
 use tether_migrator::report::Report;
 
@@ -60,17 +60,7 @@ fn clients_behind_the_proxy_stall_for_the_downtime_only() {
             .start_clients_to(service, 8, 2, Duration::from_secs(4), None, &busy)
             .expect("direct clients");
         std::thread::sleep(Duration::from_millis(1500));
-        let mut args = s.proxy_args();
-        args.push("--stop-and-copy".into());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let run = s.migrate_with(to, None, &args).expect("run migrate");
-        assert!(run.success, "move {i}: {}", run.stderr);
-        let report = run.report.expect("report");
-        let p = proxied.finish().expect("proxied report");
-        let d = direct.finish().expect("direct report");
-        s.verify_state().expect("state verifies");
-        assert_clean(&p, "via proxy");
-        assert_clean(&d, "direct");
+        let (report, p, d) = proxied_move(&mut s, i, to, &["--stop-and-copy"], proxied, direct);
         let down = report.timings.downtime_ms;
         let proxy = report.proxy.clone().expect("proxy figures in the report");
         let tcp_seen = seen_downtime(&report, proxy.first_tcp_answer_ms, "TCP", i);

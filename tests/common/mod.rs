@@ -2,8 +2,9 @@
 
 #![allow(dead_code)]
 
-use tether::scenario::{Binaries, ClientReport, Scenario, ScenarioConfig};
-use tether::testbed::prerequisites_or_fail;
+use tether::scenario::{Binaries, ClientReport, ClientRun, Scenario, ScenarioConfig};
+use tether::testbed::{prerequisites_or_fail, Host};
+use tether_migrator::report::Report;
 
 /// A scenario with the binaries of this build; fails (never skips) when the machine lacks root,
 /// namespaces or CRIU.
@@ -32,6 +33,31 @@ pub fn assert_clean(r: &ClientReport, what: &str) {
         r.state_verifications.failed, 0,
         "{what}: state verification"
     );
+}
+
+/// Move `i` of a proxied scenario: migrates to `to` through the proxy with `extra` flags while
+/// the `proxied` and `direct` client runs go on, and checks that it committed, that both runs
+/// were clean and that the service's state verifies. Returns the report and both runs' reports.
+pub fn proxied_move(
+    s: &mut Scenario,
+    i: usize,
+    to: Host,
+    extra: &[&str],
+    proxied: ClientRun,
+    direct: ClientRun,
+) -> (Report, ClientReport, ClientReport) {
+    let mut args = s.proxy_args();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = s.migrate_with(to, None, &args).expect("run migrate");
+    assert!(run.success, "move {i}: {}", run.stderr);
+    let report = run.report.expect("report");
+    let p = proxied.finish().expect("proxied report");
+    let d = direct.finish().expect("direct report");
+    s.verify_state().expect("state verifies");
+    assert_clean(&p, "via proxy");
+    assert_clean(&d, "direct");
+    (report, p, d)
 }
 
 /// Waits (up to `within`) until the log at `path` contains `needle`, and returns the log as last
