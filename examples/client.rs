@@ -309,7 +309,33 @@ struct ConnReport {
     bytes: u64,
     max_stall: Duration,
     hist: Histogram<u64>,
+    /// Each request's send time and wait, at most [`MAX_SAMPLES`]: to tell the latency right
+    /// after the connection's longest wait (a move's stall) from the steady state.
+    samples: Vec<(Instant, Duration)>,
     failure: Option<Failure>,
+}
+
+/// Most requests a connection keeps for [`split_at_stall`] (16 bytes each).
+const MAX_SAMPLES: usize = 1 << 20;
+/// How long after the end of a connection's longest wait its requests count as "after the
+/// stall": a lazy restore's fill of tens of MiB ends well within it.
+const AFTER_STALL: Duration = Duration::from_secs(1);
+
+/// The waits of one connection's requests, split at its longest wait: those sent before it
+/// (the steady state) and those sent within [`AFTER_STALL`] after its reply came (the service
+/// resumed, its memory possibly still filling in). The longest wait itself is in neither.
+fn split_at_stall(samples: &[(Instant, Duration)]) -> (Vec<Duration>, Vec<Duration>) {
+    let Some((k, &(sent, wait))) = samples.iter().enumerate().max_by_key(|(_, (_, w))| *w) else {
+        return (Vec::new(), Vec::new());
+    };
+    let resumed = sent + wait;
+    let before = samples[..k].iter().map(|(_, w)| *w).collect();
+    let after = samples[k + 1..]
+        .iter()
+        .filter(|(s, _)| *s >= resumed && *s < resumed + AFTER_STALL)
+        .map(|(_, w)| *w)
+        .collect();
+    (before, after)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -389,6 +415,9 @@ where
                 .unwrap_or(u64::MAX)
                 .max(1),
         );
+        if rep.samples.len() < MAX_SAMPLES {
+            rep.samples.push((sent, now - sent));
+        }
         last_ok = Some(now);
 
         if !cfg.interval.is_zero() {
@@ -413,6 +442,7 @@ impl ConnReport {
             bytes: 0,
             max_stall: Duration::ZERO,
             hist: new_histogram(),
+            samples: Vec::new(),
             failure: None,
         }
     }
@@ -765,6 +795,16 @@ struct ProtoSummary {
     max_wait_ms: f64,
     wait_p50_ms: f64,
     wait_p99_ms: f64,
+    /// Request latency (all connections' requests) before each connection's longest wait (the
+    /// steady state) and within 1 s after it (a move's resume: a lazily restored service still
+    /// filling its memory in), ms.
+    steady_p50_ms: f64,
+    steady_p99_ms: f64,
+    after_stall_p50_ms: f64,
+    after_stall_p99_ms: f64,
+    /// Requests in each of those two sets.
+    steady_requests: usize,
+    after_stall_requests: usize,
     latency_us: Latency,
 }
 
@@ -822,6 +862,14 @@ fn summarize(proto: Proto, reports: &[ConnReport]) -> ProtoSummary {
         v[i]
     };
     let pct = |q: f64| at(&stalls, q);
+    let (mut steady, mut after): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    for r in &mine {
+        let (b, a) = split_at_stall(&r.samples);
+        steady.extend(b.iter().map(|d| d.as_secs_f64() * 1e3));
+        after.extend(a.iter().map(|d| d.as_secs_f64() * 1e3));
+    }
+    steady.sort_by(f64::total_cmp);
+    after.sort_by(f64::total_cmp);
     let errors = mine.iter().filter(|r| r.failure.is_some()).count();
     ProtoSummary {
         connections: mine.len(),
@@ -839,6 +887,12 @@ fn summarize(proto: Proto, reports: &[ConnReport]) -> ProtoSummary {
         max_wait_ms: waits.last().copied().unwrap_or(0.0),
         wait_p50_ms: at(&waits, 0.50),
         wait_p99_ms: at(&waits, 0.99),
+        steady_p50_ms: at(&steady, 0.50),
+        steady_p99_ms: at(&steady, 0.99),
+        after_stall_p50_ms: at(&after, 0.50),
+        after_stall_p99_ms: at(&after, 0.99),
+        steady_requests: steady.len(),
+        after_stall_requests: after.len(),
         latency_us: Latency {
             p50: hist.value_at_quantile(0.50),
             p99: hist.value_at_quantile(0.99),
@@ -1075,4 +1129,29 @@ async fn one_shot_verify(args: &Args) -> Result<bool> {
     };
     emit(&serde_json::to_string(&result)?, args.json.as_ref())?;
     Ok(result.ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_split_at_the_longest_wait_into_steady_and_the_second_after() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let samples = vec![
+            (t0, ms(2)),
+            (t0 + ms(10), ms(3)),
+            // The stall: sent at 20 ms, answered at 520 ms.
+            (t0 + ms(20), ms(500)),
+            (t0 + ms(525), ms(9)),
+            (t0 + ms(1400), ms(4)),
+            // More than a second after the resume: steady again, in neither set.
+            (t0 + ms(1600), ms(2)),
+        ];
+        let (before, after) = split_at_stall(&samples);
+        assert_eq!(before, vec![ms(2), ms(3)]);
+        assert_eq!(after, vec![ms(9), ms(4)]);
+        assert_eq!(split_at_stall(&[]), (Vec::new(), Vec::new()));
+    }
 }

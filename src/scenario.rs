@@ -820,6 +820,19 @@ pub struct ProtoReport {
     /// 99th percentile of the same, ms.
     #[serde(default)]
     pub wait_p99_ms: f64,
+    /// Request latency before each connection's longest wait (the steady state): median, ms.
+    #[serde(default)]
+    pub steady_p50_ms: f64,
+    /// Its 99th percentile, ms.
+    #[serde(default)]
+    pub steady_p99_ms: f64,
+    /// Request latency within 1 s after each connection's longest wait (a move's resume, the
+    /// lazy fill): median, ms.
+    #[serde(default)]
+    pub after_stall_p50_ms: f64,
+    /// Its 99th percentile, ms.
+    #[serde(default)]
+    pub after_stall_p99_ms: f64,
 }
 
 /// Periodic state verification results.

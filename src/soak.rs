@@ -99,6 +99,9 @@ pub struct MoveRow {
     pub proxy: (Stalls, Stalls),
     /// Direct: TCP, QUIC.
     pub direct: (Stalls, Stalls),
+    /// Request latency of the proxied TCP clients: steady state (p50, p99) and within 1 s after
+    /// the stall (p50, p99), ms.
+    pub proxy_tcp_latency_ms: ((f64, f64), (f64, f64)),
     /// Resets, connection errors or failed verifications seen by the clients.
     pub client_errors: u64,
     /// The proxy's resident memory after the move, MiB.
@@ -252,6 +255,10 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
             dst_rcvbuf_errors,
             proxy: ((&p.tcp).into(), (&p.quic).into()),
             direct: ((&d.tcp).into(), (&d.quic).into()),
+            proxy_tcp_latency_ms: (
+                (p.tcp.steady_p50_ms, p.tcp.steady_p99_ms),
+                (p.tcp.after_stall_p50_ms, p.tcp.after_stall_p99_ms),
+            ),
             client_errors: errors(&p) + errors(&d),
             proxy_rss_mib: usage.rss_kib as f64 / 1024.0,
             proxy_cpu_s: usage.cpu_s - cpu0,
@@ -279,6 +286,13 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
             row.client_errors,
             row.proxy_rss_mib,
             row.proxy_cpu_s
+        )?;
+        let ((s50, s99), (a50, a99)) = row.proxy_tcp_latency_ms;
+        writeln!(
+            out,
+            "    proxied TCP request latency: steady p50/p99 {s50:.1}/{s99:.1} ms, within 1 s after \
+             the stall {a50:.1}/{a99:.1} ms (p99 {:.1}x)",
+            if s99 > 0.0 { a99 / s99 } else { 0.0 }
         )?;
         if row.dst_rcvbuf_errors > 0 {
             writeln!(

@@ -54,6 +54,14 @@ fn an_interpreted_service_moves_and_its_proxied_clients_stall_until_it_answers_o
             .expect("answered_ms in the report");
         let t = &report.timings;
         println!(
+            "move {i}: proxied request latency steady p50/p99 {:.2}/{:.2} ms, within 1 s after \
+             the stall {:.2}/{:.2} ms",
+            p.tcp.steady_p50_ms,
+            p.tcp.steady_p99_ms,
+            p.tcp.after_stall_p50_ms,
+            p.tcp.after_stall_p99_ms
+        );
+        println!(
             "move {i} -> {to}: {} round(s), downtime {:.1} ms (restore {:.1}), first answer {lag:.1} \
              ms after the release, answered {answered:.1} ms after the freeze; max stall via \
              proxy {:.1} ms, direct {:.1} ms",
