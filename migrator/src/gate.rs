@@ -107,10 +107,11 @@ pub async fn record_answers(
     };
     p.first_tcp_answer_ms = a.first_tcp_ms;
     p.first_udp_answer_ms = a.first_udp_ms;
-    let first = match (a.first_tcp_ms, a.first_udp_ms) {
-        (Some(t), Some(u)) => Some(t.min(u)),
-        (t, u) => t.or(u),
-    };
+    let first = a
+        .first_tcp_ms
+        .into_iter()
+        .chain(a.first_udp_ms)
+        .reduce(f64::min);
     let t = &mut report.timings;
     t.answered_ms = first.map(|f| t.downtime_ms + t.resume_ms + f);
     Ok(())

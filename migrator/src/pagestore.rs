@@ -206,10 +206,14 @@ impl PageStore {
         Ok(())
     }
 
-    /// Whether the page was sent again after the round that first brought it: the service
-    /// wrote it while pre-copy ran (one of its recent writes).
-    pub fn rewritten(&self, owner: u64, addr: u64) -> bool {
-        self.index.get(&(owner, addr)).is_some_and(|e| e.rewritten)
+    /// The pages sent again after the round that first brought them, as (owner, address): the
+    /// service wrote them while pre-copy ran (its recent writes). Walks the index once, no
+    /// lookups.
+    pub fn rewritten_pages(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.index
+            .iter()
+            .filter(|(_, e)| e.rewritten)
+            .map(|(k, _)| *k)
     }
 
     /// The held content of a page.
@@ -291,6 +295,12 @@ mod tests {
 
     #[test]
     fn pages_sent_again_after_their_first_round_are_the_services_recent_writes() {
+        struct Recent<'a>(&'a PageStore);
+        impl Recent<'_> {
+            fn rewritten(&self, owner: u64, addr: u64) -> bool {
+                self.0.rewritten_pages().any(|p| p == (owner, addr))
+            }
+        }
         let mut s = PageStore::new(1 << 20);
         s.announce(1, vec![(0x1000, 0x5000)]).expect("layout");
         s.apply(&batch(
@@ -298,26 +308,26 @@ mod tests {
             vec![(0x1000, page(1)), (0x2000, page(1)), (0x3000, None)],
         ))
         .expect("round 0");
-        assert!(!s.rewritten(1, 0x1000) && !s.rewritten(1, 0x3000));
+        assert!(!Recent(&s).rewritten(1, 0x1000) && !Recent(&s).rewritten(1, 0x3000));
         s.apply(&batch(
             1,
             vec![(0x2000, page(2)), (0x3000, page(3)), (0x4000, page(4))],
         ))
         .expect("round 1");
-        assert!(!s.rewritten(1, 0x1000), "not sent again");
+        assert!(!Recent(&s).rewritten(1, 0x1000), "not sent again");
         assert!(
-            s.rewritten(1, 0x2000) && s.rewritten(1, 0x3000),
+            Recent(&s).rewritten(1, 0x2000) && Recent(&s).rewritten(1, 0x3000),
             "sent again"
         );
-        assert!(!s.rewritten(1, 0x4000), "first sent in round 1");
+        assert!(!Recent(&s).rewritten(1, 0x4000), "first sent in round 1");
         s.apply(&batch(1, vec![(0x1000, page(5))]))
             .expect("round 2");
         assert!(
-            s.rewritten(1, 0x1000) && s.rewritten(1, 0x2000),
+            Recent(&s).rewritten(1, 0x1000) && Recent(&s).rewritten(1, 0x2000),
             "a rewrite is remembered"
         );
         assert!(
-            !s.rewritten(2, 0x1000) && !s.rewritten(1, 0x9000),
+            !Recent(&s).rewritten(2, 0x1000) && !Recent(&s).rewritten(1, 0x9000),
             "unknown pages"
         );
     }

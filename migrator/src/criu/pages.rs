@@ -1094,6 +1094,35 @@ mod tests {
     }
 
     #[test]
+    fn pages_written_during_pre_copy_are_marked_by_address_and_others_ignored() {
+        let d = tempfile::tempdir().expect("tempdir");
+        write_dump(
+            d.path(),
+            Owner::Pid(1),
+            1,
+            &[entry(0x2000_0000, 40, Some(PE_PRESENT | PE_LAZY))],
+        );
+        let got = collect(d.path());
+        let out = tempfile::tempdir().expect("tempdir");
+        copy_pagemaps(d.path(), out.path());
+        let images = MemoryImages::load(out.path()).expect("load");
+        let mut draft = images
+            .draft_pages(out.path(), |o: Owner, a: u64| {
+                got.get(&(o, a)).map(Vec::as_slice)
+            })
+            .expect("draft");
+        draft.mark_recent([
+            (Owner::Pid(1), 0x2000_1000),
+            (Owner::Pid(1), 0x2000_5000),
+            (Owner::Pid(1), 0x9000_0000),
+            (Owner::Pid(9), 0x2000_2000),
+        ]);
+        // A budget below the 40-page region: only the two listed pages of pid 1.
+        let totals = draft.finish_hot_first(10).expect("finish");
+        assert_eq!(totals.eager, 2);
+    }
+
+    #[test]
     fn patches_outside_the_page_maps_are_refused_and_unfinished_drafts_leave_nothing() {
         let d = synthetic();
         let out = tempfile::tempdir().expect("tempdir");

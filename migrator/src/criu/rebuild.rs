@@ -165,7 +165,7 @@ impl MemoryImages {
                 missing: vec![false; m.data_pages() as usize],
                 missing_count: 0,
                 patched: vec![false; m.data_pages() as usize],
-                recent: Vec::new(),
+                recent: vec![false; m.data_pages() as usize],
             });
             // Invariant: the element was pushed on the line above.
             let f = draft.files.last_mut().expect("just pushed");
@@ -252,15 +252,20 @@ impl PagesDraft {
         run.flush(f)
     }
 
-    /// Notes which pages the service wrote while pre-copy ran (`recent(owner, vaddr)`), for
-    /// [`finish_hot_first`](Self::finish_hot_first).
-    pub fn mark_recent(&mut self, recent: impl Fn(Owner, u64) -> bool) {
-        for f in &mut self.files {
-            f.recent = f
-                .map
-                .data_page_addrs()
-                .map(|a| recent(f.map.owner, a))
-                .collect();
+    /// Notes the pages the service wrote while pre-copy ran, for
+    /// [`finish_hot_first`](Self::finish_hot_first); pages outside the page maps are ignored.
+    pub fn mark_recent(&mut self, pages: impl IntoIterator<Item = (Owner, u64)>) {
+        for (owner, vaddr) in pages {
+            let Ok(i) = self.files.binary_search_by_key(&owner, |f| f.map.owner) else {
+                continue;
+            };
+            let f = &mut self.files[i];
+            if let Some(r) = f
+                .offset_of(vaddr)
+                .and_then(|o| f.recent.get_mut((o / PAGE) as usize))
+            {
+                *r = true;
+            }
         }
     }
 

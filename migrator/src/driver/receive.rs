@@ -49,8 +49,7 @@ pub struct Receiver {
     rebuilt_bytes: u64,
     /// Page data of the final difference held until the rebuild patches it in.
     final_bytes: u64,
-    /// The most memory held at once so far (what `account` charges, and the page store while
-    /// the rebuild still reads it), bytes.
+    /// The most memory held at once so far (the most `account` charged), bytes.
     peak: u64,
 }
 
@@ -180,13 +179,9 @@ impl Receiver {
             .data_len_within(self.max_bytes.saturating_sub(self.file_bytes))
             .map_err(|e| limit(format!("{e} (--max-image-mib, with the image files)")))?;
         self.rebuilt_bytes = declared;
+        // The store is still counted here, beside the pages files the rebuild writes from it:
+        // the peak while both are held.
         self.account()?;
-        // The rebuild reads the store while it writes the pages files: both at once.
-        if let Some(store) = &self.store {
-            self.peak = self
-                .peak
-                .max(store.memory() + self.file_bytes + self.rebuilt_bytes);
-        }
         let mut store = self
             .store
             .take()
@@ -203,16 +198,19 @@ impl Receiver {
                 .map_err(|e| data("page maps", e))?;
         }
         let (maps, dir) = (images.clone(), self.dir.clone());
-        self.draft = Some(tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            let d = maps
-                .draft_pages(&dir, |owner, vaddr| store.get(owner.code(), vaddr))
-                .map(|mut d| {
-                    d.mark_recent(|owner, vaddr| store.rewritten(owner.code(), vaddr));
-                    d
-                });
-            (d, t.elapsed())
-        }));
+        self.draft =
+            Some(tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let d =
+                    maps.draft_pages(&dir, |owner, vaddr| store.get(owner.code(), vaddr))
+                        .map(|mut d| {
+                            d.mark_recent(store.rewritten_pages().filter_map(|(owner, vaddr)| {
+                                Some((Owner::from_code(owner)?, vaddr))
+                            }));
+                            d
+                        });
+                (d, t.elapsed())
+            }));
         self.images = Some(images);
         Ok(())
     }

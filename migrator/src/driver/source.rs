@@ -420,17 +420,10 @@ async fn migrate_inner(
     into_result(result, &images)
 }
 
-/// Puts the source's side of the migration's memory cost in `report`: CRIU's local dump (image
-/// files and every dumped page, on tmpfs), this process's peak and CRIU's worker's.
+/// Puts the source's processes' peaks in `report` (the machine recorded CRIU's dump): this
+/// process's and CRIU's worker's.
 fn record_source_memory(report: &mut Report) {
-    let sent_pages = report
-        .precopy
-        .final_difference
-        .as_ref()
-        .map_or(0, |f| f.bytes);
-    let files = report.images.total_bytes.saturating_sub(sent_pages);
     let m = &mut report.memory;
-    m.source_dump_bytes = files + report.images.pages_bytes;
     m.source_tether_rss_bytes = crate::peaks::own_peak_rss();
     m.source_criu_rss_bytes = crate::peaks::children_peak_rss();
 }

@@ -1151,6 +1151,9 @@ impl SourceMachine {
                     total_bytes: sent.file_bytes + sent.pages.bytes,
                     pages_bytes: sent.pages.pages_dumped * PAGE as u64,
                 };
+                // CRIU's local dump: the image files and every dumped page.
+                self.report.memory.source_dump_bytes =
+                    sent.file_bytes + self.report.images.pages_bytes;
                 self.report.precopy.final_difference = Some(sent.pages);
                 info!(
                     files = sent.files,
