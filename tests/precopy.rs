@@ -261,6 +261,7 @@ mod hostile {
             protocol: PROTOCOL,
             migration_id: MigrationId::random(),
             service_addr: "10.77.0.100/24".parse().expect("addr"),
+            container: None,
         })
         .await
         .expect("hello");

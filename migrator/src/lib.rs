@@ -23,6 +23,7 @@
 
 pub mod authz;
 pub mod calibrate;
+pub mod container;
 pub mod criu;
 pub mod dirs;
 pub mod driver;

@@ -91,6 +91,7 @@ async fn start_agent_with(
         hot_first_pages: 0,
     };
     let ports = AgentPorts {
+        podman: None,
         ckpt: Arc::new(FakeCheckpointer {
             world: world.clone(),
             root: 0,
@@ -146,6 +147,7 @@ async fn migrate_svc(
         precopy: None,
         gate: Some(GateConfig { redirect: false }),
         max_frozen: Duration::from_secs(4),
+        container: None,
         timeouts: Timeouts {
             resolve: Duration::from_secs(5),
             ..Default::default()
@@ -166,6 +168,7 @@ async fn migrate_svc(
         images,
         proxy: None,
         criu_log_level: 2,
+        container: None,
     };
     let journal = Arc::new(MemoryJournal::<SourceRecord, ()>::default());
     let ctx = Ctx {
@@ -226,6 +229,8 @@ fn in_doubt(work: &Path, id: &MigrationId, svc: &str) -> agent::AgentRecord {
         restored: Some((77, 1)),
         lazy_daemon: None,
         source: "src".into(),
+        container: None,
+        container_id: None,
     }
 }
 
@@ -453,6 +458,7 @@ async fn hostile_source(
         protocol: PROTOCOL,
         migration_id: id.clone(),
         service_addr: "10.77.0.101/24".parse().expect("addr"),
+        container: None,
     };
     let (_endpoint, conn) = transport::connect(&identity, agent, "dst", Duration::from_secs(5))
         .await

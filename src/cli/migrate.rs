@@ -12,7 +12,8 @@ use tether_migrator::report::{Outcome, Report};
 
 use super::units::{parse_duration, parse_rate};
 
-/// Move a running process tree (and its TCP connections) to another host's agent.
+/// Move a running process tree or Podman container (and its TCP connections) to another host's
+/// agent.
 ///
 /// By default memory is pre-copied while the service runs: round 0 sends every page, later
 /// rounds the pages whose content changed, until the predicted downtime is under
@@ -36,8 +37,19 @@ use super::units::{parse_duration, parse_rate};
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
     /// Root of the process tree to migrate (host pid).
-    #[arg(long, required_unless_present = "recover")]
+    #[arg(long, required_unless_present_any = ["recover", "container"], conflicts_with = "container")]
     pid: Option<i32>,
+    /// A Podman container to migrate (name or id; rootful Podman), instead of --pid. The
+    /// destination agent creates it again with the same name, image and configuration (from the
+    /// command line Podman recorded for it) and Podman restores it there, so that `podman ps`,
+    /// `logs` and `stop` manage it as before; the source's container is removed only once the
+    /// move is committed. It needs a network of its own whose address exists on both hosts'
+    /// LAN (a macvlan network of the same name and subnet on both, and a static `--ip`; a
+    /// static `--mac-address` moves too), the image on the destination (nothing is pulled),
+    /// and its bind-mount sources there (else it is refused before anything stops). Without a
+    /// terminal (-t). Its memory is restored whole (no lazy restore).
+    #[arg(long, value_name = "NAME|ID")]
+    container: Option<String>,
     /// The destination agent.
     #[arg(long, value_name = "ADDR:PORT", required_unless_present = "recover")]
     to: Option<SocketAddr>,
@@ -56,7 +68,7 @@ pub struct MigrateArgs {
     /// Only resolve migrations an earlier `tether migrate` left unfinished (it was killed, or
     /// could not reach the agent after the commit point), from the journal in --state-dir, and
     /// exit.
-    #[arg(long, conflicts_with_all = ["pid", "to", "service_addr"])]
+    #[arg(long, conflicts_with_all = ["pid", "container", "to", "service_addr"])]
     recover: bool,
     /// Write the JSON report here (it is also printed on success with --json).
     #[arg(long, value_name = "FILE")]
@@ -164,10 +176,14 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(code);
     }
-    let (Some(pid), Some(to), Some(certs), Some(service_addr)) =
-        (a.pid, a.to, a.certs.clone(), a.service_addr)
+    let (Some(to), Some(certs), Some(service_addr)) = (a.to, a.certs.clone(), a.service_addr)
     else {
-        anyhow::bail!("--pid, --to, --certs and --service-addr are required");
+        anyhow::bail!("--pid or --container, --to, --certs and --service-addr are required");
+    };
+    let pid = match (&a.container, a.pid) {
+        (Some(name), _) => container_pid(name).await?,
+        (None, Some(pid)) => pid,
+        (None, None) => anyhow::bail!("--pid or --container is required"),
     };
     let profile = super::plan::load_profile(a.profile.as_deref())?;
     let precopy = a.precopy.options();
@@ -175,6 +191,7 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let prediction = tokio::task::block_in_place(|| predict(&a, pid, &profile));
     let opts = MigrateOptions {
         pid,
+        container: a.container.clone(),
         to,
         agent_name: a.agent_name.clone(),
         certs,
@@ -261,6 +278,15 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             report_failure(&id, &e, &write)
         }
     }
+}
+
+/// The init process of container `name` (for the prediction; the migration looks it up again).
+async fn container_pid(name: &str) -> anyhow::Result<i32> {
+    let criu = tether_migrator::criu::Criu::locate().await?;
+    let podman = tether_migrator::container::podman::Podman::locate(criu.path())?;
+    let c = podman.inspect(name).await?;
+    anyhow::ensure!(c.running && c.pid > 1, "container {name:?} does not run");
+    Ok(c.pid)
 }
 
 /// The model's prediction for this migration, measured live (`None`, with a note, when it

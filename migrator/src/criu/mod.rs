@@ -138,9 +138,11 @@ impl Criu {
         worker: Worker,
         pid: i32,
         images: &Path,
+        scope: &DumpScope,
     ) -> Result<DumpSession, CriuError> {
         let mut opts = swrk::opts_for(images);
         opts.pid = Some(pid);
+        scope.apply(&mut opts);
         opts.tcp_established = Some(true);
         // No lock of CRIU's: the caller locks the whole service address at the freeze point.
         // CRIU's nftables lock is one libnftables call per connection, in a process that by then
@@ -229,6 +231,40 @@ impl Criu {
             }),
             _ => Err(failure("restore", &resp, &images.join(RESTORE_LOG))),
         }
+    }
+}
+
+/// What a dump takes as given from outside the tree: nothing for a plain process tree; for a
+/// container, what its runtime set up and restores itself (the runtime's own dump does the same,
+/// so that the runtime can restore the images: see `container`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DumpScope {
+    /// The tree's root directory (the container's root file system), if not `/`.
+    pub root: Option<String>,
+    /// Mounts the restorer provides, by their path in the tree (bind mounts, cgroup mounts).
+    pub external_mounts: Vec<String>,
+    /// Other external resources, in CRIU's `--external` syntax (`net[<inode>]:extRootNetNS`).
+    pub external: Vec<String>,
+    /// The freezer cgroup that holds exactly the tree: CRIU freezes through it.
+    pub freeze_cgroup: Option<String>,
+    /// Dump the tree's cgroups (the restorer puts them back).
+    pub manage_cgroups: bool,
+}
+
+impl DumpScope {
+    fn apply(&self, opts: &mut rpc::Opts) {
+        opts.root.clone_from(&self.root);
+        opts.ext_mnt = self
+            .external_mounts
+            .iter()
+            .map(|m| rpc::ExtMountMap {
+                key: m.clone(),
+                val: m.clone(),
+            })
+            .collect();
+        opts.external.clone_from(&self.external);
+        opts.freeze_cgroup.clone_from(&self.freeze_cgroup);
+        opts.manage_cgroups = self.manage_cgroups.then_some(true);
     }
 }
 

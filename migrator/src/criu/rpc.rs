@@ -54,14 +54,24 @@ pub struct Opts {
     pub log_file: Option<String>,
     #[prost(bool, optional, tag = "12")]
     pub notify_scripts: Option<bool>,
+    #[prost(string, optional, tag = "13")]
+    pub root: Option<String>,
     #[prost(string, optional, tag = "14")]
     pub parent_img: Option<String>,
     #[prost(bool, optional, tag = "15")]
     pub track_mem: Option<bool>,
     #[prost(int32, optional, tag = "17")]
     pub work_dir_fd: Option<i32>,
+    #[prost(message, repeated, tag = "23")]
+    pub ext_mnt: Vec<ExtMountMap>,
+    #[prost(bool, optional, tag = "24")]
+    pub manage_cgroups: Option<bool>,
     #[prost(bool, optional, tag = "26")]
     pub rst_sibling: Option<bool>,
+    #[prost(string, repeated, tag = "37")]
+    pub external: Vec<String>,
+    #[prost(string, optional, tag = "44")]
+    pub freeze_cgroup: Option<String>,
     #[prost(uint32, optional, tag = "45")]
     pub timeout: Option<u32>,
     #[prost(bool, optional, tag = "48")]
@@ -72,6 +82,15 @@ pub struct Opts {
     pub leave_stopped: Option<bool>,
     #[prost(bool, optional, tag = "70")]
     pub display_stats: Option<bool>,
+}
+
+/// `ext_mount_map`: a mount CRIU leaves to the restorer, by its path in the tree (`key`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExtMountMap {
+    #[prost(string, required, tag = "1")]
+    pub key: String,
+    #[prost(string, required, tag = "2")]
+    pub val: String,
 }
 
 /// `criu_features`.

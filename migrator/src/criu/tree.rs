@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::lazy::LazyPages;
-use super::{images, Criu, CriuError, DumpPoint as CriuPoint, DumpSession};
+use super::{images, Criu, CriuError, DumpPoint as CriuPoint, DumpScope, DumpSession};
 use crate::machine::agent::RestoreInfo;
 use crate::machine::source::DumpEnd;
 use crate::machine::PortError;
@@ -28,6 +28,8 @@ pub struct CriuTree {
     root_start: Option<u64>,
     /// Restores here are lazy (userfaultfd).
     lazy: bool,
+    /// What the dump leaves to the restorer (empty for a plain tree).
+    scope: DumpScope,
 }
 
 impl CriuTree {
@@ -38,7 +40,15 @@ impl CriuTree {
             root,
             root_start: Some(root_start),
             lazy: false,
+            scope: DumpScope::default(),
         }
+    }
+
+    /// The same tree, dumped with `scope` (a container's external resources).
+    #[must_use]
+    pub fn with_scope(mut self, scope: DumpScope) -> CriuTree {
+        self.scope = scope;
+        self
     }
 
     /// A destination that restores trees, lazily if `lazy`.
@@ -48,6 +58,7 @@ impl CriuTree {
             root: 0,
             root_start: None,
             lazy,
+            scope: DumpScope::default(),
         }
     }
 
@@ -185,7 +196,7 @@ impl Checkpointer for CriuTree {
             .and_then(|p| process_start_time(p).map(|s| (p, s)));
         let mut session = self
             .criu
-            .start_dump(worker, self.root, images)
+            .start_dump(worker, self.root, images, &self.scope)
             .await
             .map_err(criu_err("criu dump"))?;
         match session.next().await.map_err(criu_err("criu dump"))? {

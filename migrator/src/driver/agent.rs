@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::lock;
 use super::receive::Receiver;
 use crate::authz::{Authorization, MemoryBudget};
+use crate::container::podman::Podman;
 use crate::criu::tree::{process_start_time, CriuTree};
 use crate::criu::{Criu, CriuError};
 use crate::hostnet::HostAddressMover;
@@ -35,7 +36,8 @@ use crate::metrics::{AgentMetrics, Outcome as MetricOutcome};
 use crate::ports::{AddressMover, Checkpointer, Journal, LazyServer};
 use crate::protocol::frame::Frame;
 use crate::protocol::{
-    Decision, ErrorCode, FromAgent, MigrationId, Phase, Resolution, ServiceAddr, ToAgent, PROTOCOL,
+    ContainerSpec, Decision, ErrorCode, FromAgent, MigrationId, Phase, Resolution, ServiceAddr,
+    ToAgent, PROTOCOL,
 };
 use crate::tls::{self, Identity};
 use crate::transport::{self, FrameReceiver, FrameSender, TransportError};
@@ -139,6 +141,12 @@ pub struct AgentRecord {
     /// before it was kept have none: any allowed source may resolve those.)
     #[serde(default)]
     pub source: String,
+    /// The container the migration moves, if it moves one.
+    #[serde(default)]
+    pub container: Option<ContainerSpec>,
+    /// The container staged here for its restore (Podman's id): removed by an undo.
+    #[serde(default)]
+    pub container_id: Option<String>,
 }
 
 type AgentJournal = FileJournal<AgentRecord, AgentOutcome>;
@@ -168,6 +176,8 @@ pub struct AgentPorts<C, N, J> {
     pub journal: Arc<J>,
     /// The agent's metrics.
     pub metrics: Arc<AgentMetrics>,
+    /// Podman, if this host has it: containers are restored through it.
+    pub podman: Option<Podman>,
 }
 
 /// A migration's task, as the rest of the agent reaches it.
@@ -187,6 +197,7 @@ struct Shared<C: Checkpointer, N, J> {
     net: Arc<N>,
     journal: Arc<J>,
     metrics: Arc<AgentMetrics>,
+    podman: Option<Podman>,
     /// Migrations with a task, by id.
     tasks: Mutex<HashMap<MigrationId, TaskHandle>>,
     /// Service addresses with a migration in flight here.
@@ -265,7 +276,15 @@ pub async fn run(
         lazy_restore = lazy,
         "agent ready"
     );
+    let podman = match Podman::locate(criu.path()) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            info!("no container moves to this host: {e}");
+            None
+        }
+    };
     let ports = AgentPorts {
+        podman,
         ckpt: Arc::new(CriuTree::destination(criu, lazy)),
         net: Arc::new(net),
         journal: Arc::new(journal),
@@ -304,6 +323,7 @@ where
         net: ports.net,
         journal: ports.journal,
         metrics: ports.metrics,
+        podman: ports.podman,
         tasks: Mutex::new(HashMap::new()),
         busy: Mutex::new(HashSet::new()),
         budget: MemoryBudget::new(cfg.max_memory_bytes),
@@ -467,6 +487,7 @@ where
             protocol,
             migration_id,
             service_addr,
+            container,
         } => {
             let span = info_span!("migration", id = %migration_id, service = %service_addr, %peer);
             let refused = if protocol != PROTOCOL {
@@ -485,6 +506,13 @@ where
                 Some(refuse(
                     ErrorCode::Refused,
                     format!("migration id {migration_id} was used before; ids are never reused"),
+                ))
+            } else if let Some(Err(r)) = container.as_ref().map(ContainerSpec::validate) {
+                Some(refuse(ErrorCode::Refused, format!("bad container: {r}")))
+            } else if container.is_some() && shared.podman.is_none() {
+                Some(refuse(
+                    ErrorCode::Refused,
+                    "this host has no podman: it cannot take a container".to_string(),
                 ))
             } else if let Err(r) = shared.cfg.authorization.check_service(service_addr) {
                 Some(refuse(ErrorCode::Refused, r.to_string()))
@@ -520,6 +548,8 @@ where
                 restored: None,
                 lazy_daemon: None,
                 source: peer.clone(),
+                container,
+                container_id: None,
             };
             let m = AgentMachine::new(shared.machine, service_addr, Instant::now());
             let _g = span.enter();
@@ -795,6 +825,47 @@ where
         self.shared.journal.save(&self.id, &self.record)
     }
 
+    /// For a container: blocks its address (and static MAC) on the LAN interface, then has
+    /// Podman create it here with the source's configuration, ready for the restore. Both are
+    /// journaled (an undo removes them); on a failure both are undone here and nothing is left.
+    async fn stage_container(&mut self) -> Result<String, PortError> {
+        let (Some(spec), Some(podman)) =
+            (self.record.container.clone(), self.shared.podman.clone())
+        else {
+            return Err(PortError::new(ErrorCode::Internal, "no container to stage"));
+        };
+        let net = self.shared.net.clone();
+        let svc = self.record.service_addr;
+        let dev = net
+            .check_free(svc, self.shared.cfg.interface.as_deref())
+            .await?;
+        self.record.dev = dev.clone();
+        self.record.claimed = true;
+        self.save()?;
+        let table = self.record.block_table.clone();
+        let staged = match net.block_behind(&table, svc, &dev, spec.mac_octets()).await {
+            Ok(()) => podman.stage(&spec).await.map_err(PortError::from),
+            Err(e) => Err(e),
+        };
+        match staged {
+            Ok(id) => {
+                self.record.container_id = Some(id);
+                self.save()?;
+                Ok(dev)
+            }
+            Err(e) => {
+                if let Err(u) = net.delete_table(&table).await {
+                    error!("cannot lift the block {table}: {u}");
+                }
+                self.record.claimed = false;
+                if let Err(f) = self.shared.journal.forget(&self.id) {
+                    warn!("cannot drop the journal record of a refused migration: {f}");
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn receiver(&mut self) -> Result<&mut Receiver, PortError> {
         if self.receiver.is_none() {
             self.receiver = Some(Receiver::new(
@@ -813,6 +884,11 @@ where
         let now = Instant::now;
         let emit = self.event_sender();
         match action {
+            AgentAction::ChooseInterface if self.record.container.is_some() => {
+                // Inline: the source waits for `Ready` anyway, and the record changes.
+                let r = self.stage_container().await;
+                machine.handle(now(), AgentEvent::InterfaceChosen(r));
+            }
             AgentAction::ChooseInterface => {
                 let net = self.shared.net.clone();
                 let svc = self.record.service_addr;
@@ -876,6 +952,11 @@ where
                     machine.handle(now(), AgentEvent::DataFailed(Phase::PreCopy, e));
                 }
             }
+            AgentAction::Prepare { .. } if self.record.container.is_some() => {
+                // Blocked since it was staged; Podman adds the address in the container's
+                // namespace when it restores it.
+                machine.handle(now(), AgentEvent::Prepared(Ok(())));
+            }
             AgentAction::Prepare { dev } => {
                 self.record.dev = dev.clone();
                 let net = self.shared.net.clone();
@@ -901,8 +982,14 @@ where
                     return;
                 }
                 // The lazy-pages daemon reads the process tree from the image files, all here
-                // now, and has its start-up done before the restore.
-                match self.shared.ckpt.start_lazy(&self.record.images) {
+                // now, and has its start-up done before the restore. (Podman restores a
+                // container's memory whole.)
+                let lazy = if self.record.container.is_some() {
+                    Ok(None)
+                } else {
+                    self.shared.ckpt.start_lazy(&self.record.images)
+                };
+                match lazy {
                     Ok(Some(d)) => {
                         self.record.lazy_daemon = LazyServer::pid(&d);
                         if let Err(e) = self.save() {
@@ -931,6 +1018,29 @@ where
                     Err(e) => Err(e),
                 };
                 machine.handle(now(), AgentEvent::Rebuilt(r));
+            }
+            AgentAction::Restore if self.record.container.is_some() => {
+                let (Some(podman), Some(id)) =
+                    (self.shared.podman.clone(), self.record.container_id.clone())
+                else {
+                    let e = PortError::new(ErrorCode::Internal, "no staged container");
+                    machine.handle(now(), AgentEvent::Restored(Err(e)));
+                    return;
+                };
+                let images = self.record.images.clone();
+                let held_bytes = self.receiver.as_ref().map(Receiver::peak);
+                let metrics = self.shared.metrics.clone();
+                tokio::spawn(async move {
+                    let r = restore_container(&podman, &id, &images, &emit).await;
+                    if let Ok(info) = &r {
+                        metrics
+                            .restore_duration
+                            .observe(Duration::from_secs_f64(info.criu_restore_ms / 1e3));
+                    }
+                    emit(AgentEvent::Restored(r.map(|info| {
+                        crate::machine::agent::RestoreInfo { held_bytes, ..info }
+                    })));
+                });
             }
             AgentAction::Restore => {
                 let mut lazy = self.lazy.is_some();
@@ -981,6 +1091,8 @@ where
                 }
                 let ckpt = self.shared.ckpt.clone();
                 let net = self.shared.net.clone();
+                let is_container = self.record.container.is_some();
+                let container_mac = is_container.then(|| container_mac(pid)).flatten();
                 let (table, addr, dev) = (
                     self.record.block_table.clone(),
                     self.record.service_addr.addr(),
@@ -1002,11 +1114,19 @@ where
                     let t0 = Instant::now();
                     net.delete_table(&table).await?;
                     let t1 = Instant::now();
-                    if let Err(e) = net.announce(addr, &dev).await {
+                    let announced = match container_mac {
+                        Some(mac) => net.announce_as(addr, &dev, mac).await,
+                        None => net.announce(addr, &dev).await,
+                    };
+                    if let Err(e) = announced {
                         warn!("cannot announce the service address: {e}");
                     }
                     let t2 = Instant::now();
-                    let r = ckpt.resume(pid);
+                    let r = if is_container {
+                        thaw_container(pid)
+                    } else {
+                        ckpt.resume(pid)
+                    };
                     debug!(
                         unblock_ms = (t1 - t0).as_secs_f64() * 1e3,
                         announce_ms = (t2 - t1).as_secs_f64() * 1e3,
@@ -1066,8 +1186,9 @@ where
                 let record = self.record.clone();
                 let ckpt = self.shared.ckpt.clone();
                 let net = self.shared.net.clone();
+                let podman = self.shared.podman.clone();
                 tokio::spawn(async move {
-                    undo(&record, ckpt.as_ref(), net.as_ref(), lazy).await;
+                    undo(&record, ckpt.as_ref(), net.as_ref(), lazy, podman.as_ref()).await;
                     emit(AgentEvent::Undone);
                 });
             }
@@ -1089,6 +1210,74 @@ where
     }
 }
 
+/// Restores a staged container through Podman and holds it frozen (its freezer cgroup) until
+/// it goes live, as a restored tree is held stopped: Podman's restore lets it run at once.
+async fn restore_container(
+    podman: &Podman,
+    id: &str,
+    images: &Path,
+    emit: &(impl Fn(AgentEvent) + Send),
+) -> Result<crate::machine::agent::RestoreInfo, PortError> {
+    let (pid, elapsed) = podman.restore(id, images).await?;
+    emit(AgentEvent::RestoreStarted { pid });
+    set_container_frozen(pid, true)?;
+    info!(
+        pid,
+        ms = elapsed.as_millis() as u64,
+        "container restored through Podman"
+    );
+    Ok(crate::machine::agent::RestoreInfo {
+        pid,
+        criu_restore_ms: elapsed.as_secs_f64() * 1e3,
+        stats: None,
+        held_bytes: None,
+    })
+}
+
+/// Freezes or thaws the container whose init is `pid`, through its freezer cgroup.
+fn set_container_frozen(pid: i32, frozen: bool) -> Result<(), PortError> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| {
+        PortError::caused(
+            ErrorCode::Checkpoint,
+            "reading the restored container's cgroups",
+            e,
+        )
+    })?;
+    let dir = crate::container::scope::freezer(&cgroups).ok_or_else(|| {
+        PortError::new(
+            ErrorCode::Checkpoint,
+            "the restored container has no freezer cgroup",
+        )
+    })?;
+    crate::container::scope::set_frozen(&dir, frozen).map_err(PortError::from)
+}
+
+/// Lets a restored container run (it was held frozen since its restore).
+fn thaw_container(pid: i32) -> Result<(), PortError> {
+    set_container_frozen(pid, false)
+}
+
+/// The MAC address of the first interface but loopback in the network namespace of `pid`, read
+/// from that namespace's sysfs through the process's root (no Podman call on the commit's path).
+fn container_mac(pid: i32) -> Option<[u8; 6]> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/root/sys/class/net")).ok()?;
+    let mut names: Vec<_> = dir.flatten().map(|e| e.file_name()).collect();
+    names.sort();
+    names.into_iter().filter(|n| n != "lo").find_map(|n| {
+        let text = std::fs::read_to_string(format!(
+            "/proc/{pid}/root/sys/class/net/{}/address",
+            n.to_string_lossy()
+        ))
+        .ok()?;
+        let mut mac = [0u8; 6];
+        let mut parts = text.trim().split(':');
+        for o in &mut mac {
+            *o = u8::from_str_radix(parts.next()?, 16).ok()?;
+        }
+        Some(mac)
+    })
+}
+
 /// Undoes everything of a migration on this host: kills a restored copy, then its lazy-pages
 /// daemon (in that order: a live copy whose daemon is gone reads zeros where its memory has not
 /// come yet), removes the address, lifts the block, removes the images.
@@ -1102,7 +1291,16 @@ async fn undo<C: Checkpointer, N: AddressMover>(
     ckpt: &C,
     net: &N,
     lazy: Option<C::Lazy>,
+    podman: Option<&Podman>,
 ) {
+    // A staged or restored container goes through Podman (which kills it), so that no
+    // container, storage or address of it is left here.
+    if let (Some(id), Some(podman)) = (&record.container_id, podman) {
+        match podman.remove(id).await {
+            Ok(()) => info!(%id, "removed the staged container"),
+            Err(e) => error!("cannot remove the staged container {id}: {e}"),
+        }
+    }
     if let Some((pid, start)) = record.restored {
         if ckpt.kill(pid, start) {
             info!(pid, "killed the restored copy");

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::container::unit::{ContainerNet, ContainerSource};
 use crate::criu::tree::{process_start_time, CriuTree};
 use crate::criu::Criu;
 use crate::gate::{ProxyGate, ProxyOptions};
@@ -40,11 +41,32 @@ use crate::transport::{self, FrameReceiver, FrameSender, TransportError};
 
 use super::lock;
 
+/// What the source knows of the unit it moves beyond the [`Checkpointer`]: whether it is a
+/// container, and what the destination needs to create it again.
+pub trait Unit {
+    /// The container's description for the agent; `None` for a process tree.
+    fn container_spec(&self) -> Option<crate::protocol::ContainerSpec>;
+}
+
+impl Unit for CriuTree {
+    fn container_spec(&self) -> Option<crate::protocol::ContainerSpec> {
+        None
+    }
+}
+
+impl Unit for ContainerSource {
+    fn container_spec(&self) -> Option<crate::protocol::ContainerSpec> {
+        Some(self.spec().clone())
+    }
+}
+
 /// What to migrate and where.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
-    /// Root of the process tree (host pid).
+    /// Root of the process tree (host pid); ignored when `container` is given.
     pub pid: i32,
+    /// The Podman container to move (name or id), instead of the tree of `pid`.
+    pub container: Option<String>,
     /// The destination agent.
     pub to: SocketAddr,
     /// The name the agent's certificate must carry. If `None`, it is looked up for `to` in
@@ -155,6 +177,9 @@ pub struct SourceRecord {
     pub proxy: Option<(ProxyOptions, SocketAddr)>,
     /// CRIU's log level.
     pub criu_log_level: i32,
+    /// The Podman container moved (its id), if the migration moves one.
+    #[serde(default)]
+    pub container: Option<String>,
 }
 
 fn name_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -293,17 +318,58 @@ async fn migrate_inner(
             opts.state_dir.display()
         )));
     }
-    let pid_start = match process_start_time(opts.pid) {
-        Some(s) if opts.pid > 1 => s,
-        _ => {
-            return Err(MigrationError::check(format!(
-                "no process with pid {}",
-                opts.pid
-            )))
+    let criu = Criu::locate()
+        .await
+        .map_err(MigrationError::check)?
+        .with_log_level(opts.criu_log_level);
+    match &opts.container {
+        Some(name) => {
+            let c = ContainerSource::open(&criu, name)
+                .await
+                .map_err(MigrationError::check)?;
+            let net = ContainerNet::open(&c).map_err(MigrationError::check)?;
+            let pid_start = c.pid_start().ok_or_else(|| {
+                MigrationError::check(format!("container {name} stopped meanwhile"))
+            })?;
+            let opts = MigrateOptions {
+                pid: c.pid(),
+                ..opts.clone()
+            };
+            let unit = (agent_name, journal, criu, pid_start);
+            migrate_unit(&opts, id, cancel, unit, c, net).await
         }
-    };
+        None => {
+            let pid_start = match process_start_time(opts.pid) {
+                Some(s) if opts.pid > 1 => s,
+                _ => {
+                    return Err(MigrationError::check(format!(
+                        "no process with pid {}",
+                        opts.pid
+                    )))
+                }
+            };
+            let tree = CriuTree::recorded(criu.clone(), opts.pid, pid_start);
+            let net = HostAddressMover::new().map_err(MigrationError::check)?;
+            let unit = (agent_name, journal, criu, pid_start);
+            migrate_unit(opts, id, cancel, unit, tree, net).await
+        }
+    }
+}
+
+/// The agent's name, the journal, CRIU and the unit's root's start time, as checked.
+type Checked = (String, FileJournal<SourceRecord, ()>, Criu, u64);
+
+/// The rest of a migration, once the unit (`ckpt`, whose root is `opts.pid`) and the mover of
+/// its address (`net`) are known.
+async fn migrate_unit<C: Checkpointer + Unit, N: AddressMover>(
+    opts: &MigrateOptions,
+    id: MigrationId,
+    cancel: impl std::future::Future<Output = ()>,
+    (agent_name, journal, criu, pid_start): Checked,
+    ckpt: C,
+    net: N,
+) -> Result<Report, MigrationError> {
     let identity = Identity::load(&opts.certs).map_err(MigrationError::check)?;
-    let net = HostAddressMover::new().map_err(MigrationError::check)?;
     let svc = opts.service_addr;
     let dev = match net.interface_of(svc.addr()).await {
         Ok(Some(dev)) => dev,
@@ -314,10 +380,6 @@ async fn migrate_inner(
         }
         Err(e) => return Err(MigrationError::check(e)),
     };
-    let criu = Criu::locate()
-        .await
-        .map_err(MigrationError::check)?
-        .with_log_level(opts.criu_log_level);
     // A service restored lazily moments ago may still be receiving its memory: pages not yet
     // filled in are absent, and the scans and the dump would miss them.
     wait_for_lazy_fill(opts.pid)
@@ -372,6 +434,7 @@ async fn migrate_inner(
         }),
         max_frozen: opts.max_frozen,
         timeouts: Timeouts::default(),
+        container: ckpt.container_spec(),
     };
     let mut machine = SourceMachine::new(cfg, Instant::now()).map_err(MigrationError::check)?;
     if let Some(plan) = &opts.prediction {
@@ -395,11 +458,14 @@ async fn migrate_inner(
             .clone()
             .zip(gate.as_ref().map(ProxyGate::original)),
         criu_log_level: opts.criu_log_level,
+        container: ckpt
+            .container_spec()
+            .map(|_| opts.container.clone().unwrap_or_default()),
     };
     let ctx = Ctx {
         id: id.clone(),
         // The start time checked and journaled above: the tree is the one the record names.
-        ckpt: Arc::new(CriuTree::recorded(criu.clone(), opts.pid, pid_start)),
+        ckpt: Arc::new(ckpt),
         net: Arc::new(net),
         journal: Arc::new(journal),
         identity: Arc::new(identity),
@@ -575,7 +641,16 @@ async fn recover_one(
         }),
         max_frozen: Duration::from_secs(1),
         timeouts: Timeouts::default(),
+        container: None,
     };
+    if let Some(c) = &record.container {
+        // Its locks were in its own namespace: they went with tether's death (the owned one)
+        // or stay until Podman removes the container (the kept one).
+        warn!(
+            container = %c,
+            "resolving a container's migration as a process tree's: if it ends committed,              remove the source's container with `podman rm {c}`"
+        );
+    }
     let machine =
         SourceMachine::recover(cfg, record.phase, record.lock_table.clone(), Instant::now());
     let images = record.images.clone();
@@ -1462,6 +1537,7 @@ mod tests {
     fn options(certs: &Path, state: &Path, agent_name: Option<&str>) -> MigrateOptions {
         MigrateOptions {
             pid: std::process::id() as i32,
+            container: None,
             to: "10.9.0.3:7700".parse().expect("agent"),
             agent_name: agent_name.map(str::to_string),
             certs: certs.to_path_buf(),
@@ -1536,6 +1612,7 @@ mod tests {
             images: dir.join("images"),
             proxy: None,
             criu_log_level: 1,
+            container: None,
         }
     }
 

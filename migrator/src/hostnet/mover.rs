@@ -157,4 +157,31 @@ impl AddressMover for HostAddressMover {
             }
         }
     }
+
+    async fn block_behind(
+        &self,
+        table: &str,
+        svc: ServiceAddr,
+        dev: &str,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), PortError> {
+        self.net
+            .block_behind(table, svc.addr(), dev, mac)
+            .await
+            .map_err(net_err("blocking the container's address"))?;
+        if let Err(e) = self.link(dev).await {
+            tracing::warn!("cannot look up interface {dev} for the announcement: {e}");
+        }
+        Ok(())
+    }
+
+    async fn announce_as(&self, addr: Ipv4Addr, dev: &str, mac: [u8; 6]) -> Result<(), PortError> {
+        let link = self
+            .link(dev)
+            .await
+            .map_err(net_err("announcing the container's address"))?;
+        Link::new(link.index(), mac)
+            .announce_on(&self.arp, addr)
+            .map_err(net_err("announcing the container's address"))
+    }
 }

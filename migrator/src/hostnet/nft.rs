@@ -131,7 +131,7 @@ fn table(family: &str, name: &str) -> Value {
 /// Commands that leave no `inet <name>` and no `arp <name>`, whether or not they exist: each is
 /// added (no error if present) and deleted.
 fn clear(name: &str) -> Vec<Value> {
-    ["inet", "arp"]
+    ["inet", "arp", "netdev"]
         .into_iter()
         .flat_map(|f| {
             [
@@ -219,6 +219,42 @@ pub(super) fn block_commands(name: &str, addr: Ipv4Addr, dev: &str) -> String {
     batch(c)
 }
 
+/// Priority of the `netdev` block's chains: before anything else on the interface.
+const NETDEV_PRIORITY: i32 = -500;
+
+/// The transaction of [`HostNet::block_behind`], in nft's own syntax (the JSON of nftables 1.0.6
+/// has no `egress` hook): replaces whatever tables of that name exist, then `netdev <name>` on
+/// `dev` with an `ingress` chain dropping IPv4 to `addr`, ARP asking for it and frames to `mac`,
+/// and an `egress` chain dropping IPv4 from `addr`, ARP from it and frames from `mac`.
+pub(super) fn block_behind_commands(
+    name: &str,
+    addr: Ipv4Addr,
+    dev: &str,
+    mac: Option<[u8; 6]>,
+) -> String {
+    let mut c = String::new();
+    for f in ["inet", "arp", "netdev"] {
+        c.push_str(&format!("add table {f} {name}\ndelete table {f} {name}\n"));
+    }
+    c.push_str(&format!(
+        "add table netdev {name}\n\
+         add chain netdev {name} ingress {{ type filter hook ingress device \"{dev}\" priority {NETDEV_PRIORITY}; policy accept; }}\n\
+         add chain netdev {name} egress {{ type filter hook egress device \"{dev}\" priority {NETDEV_PRIORITY}; policy accept; }}\n\
+         add rule netdev {name} ingress ip daddr {addr} drop\n\
+         add rule netdev {name} ingress arp daddr ip {addr} drop\n\
+         add rule netdev {name} egress ip saddr {addr} drop\n\
+         add rule netdev {name} egress arp saddr ip {addr} drop\n"
+    ));
+    if let Some(m) = mac {
+        let m = m.map(|o| format!("{o:02x}")).join(":");
+        c.push_str(&format!(
+            "add rule netdev {name} ingress ether daddr {m} drop\n\
+             add rule netdev {name} egress ether saddr {m} drop\n"
+        ));
+    }
+    c
+}
+
 fn lock_flags(owned: bool) -> &'static str {
     if owned {
         " { flags owner; }"
@@ -302,6 +338,29 @@ impl HostNet {
         check_table(table)?;
         check_dev(dev)?;
         self.nft_run(&block_commands(table, addr, dev))
+            .map(drop)
+            .map_err(|source| NetError::Block {
+                table: table.to_string(),
+                addr,
+                dev: dev.to_string(),
+                source,
+            })
+    }
+
+    /// Blocks `addr` (and frames to and from `mac`) on the interface `dev` itself, in one
+    /// nftables transaction: table `netdev <table>` with hooks `ingress` and `egress` on `dev`
+    /// (see [`block_behind_commands`]). For an address behind `dev` in another namespace (a
+    /// macvlan's), which the `inet` hooks here never see.
+    pub async fn block_behind(
+        &self,
+        table: &str,
+        addr: Ipv4Addr,
+        dev: &str,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), NetError> {
+        check_table(table)?;
+        check_dev(dev)?;
+        self.nft_run(&block_behind_commands(table, addr, dev, mac))
             .map(drop)
             .map_err(|source| NetError::Block {
                 table: table.to_string(),
@@ -436,7 +495,11 @@ mod tests {
             c[3],
             json!({"delete": {"table": {"family": "arp", "name": "CRIU-abc"}}})
         );
-        assert_eq!(c.len(), 4 + 10);
+        assert_eq!(
+            c[5],
+            json!({"delete": {"table": {"family": "netdev", "name": "CRIU-abc"}}})
+        );
+        assert_eq!(c.len(), 6 + 10);
         let chains: Vec<(&str, &str, i64)> = c
             .iter()
             .filter_map(|x| x["add"]["chain"].as_object())
@@ -507,8 +570,33 @@ mod tests {
                 json!({"delete": {"table": {"family": "inet", "name": "t1"}}}),
                 json!({"add": {"table": {"family": "arp", "name": "t1"}}}),
                 json!({"delete": {"table": {"family": "arp", "name": "t1"}}}),
+                json!({"add": {"table": {"family": "netdev", "name": "t1"}}}),
+                json!({"delete": {"table": {"family": "netdev", "name": "t1"}}}),
             ]
         );
+    }
+
+    #[test]
+    fn a_block_behind_an_interface_drops_the_address_and_the_mac_both_ways() {
+        let addr: Ipv4Addr = "10.77.0.50".parse().expect("addr");
+        let c = block_behind_commands("t2", addr, "eth0", Some([2, 0x77, 0, 0, 0, 0x50]));
+        let lines: Vec<&str> = c.lines().collect();
+        // Whatever was there goes first, in the same transaction.
+        assert_eq!(lines[0], "add table inet t2");
+        assert_eq!(lines[5], "delete table netdev t2");
+        assert!(c.contains("hook ingress device \"eth0\" priority -500"));
+        assert!(c.contains("hook egress device \"eth0\" priority -500"));
+        for rule in [
+            "ingress ip daddr 10.77.0.50 drop",
+            "ingress arp daddr ip 10.77.0.50 drop",
+            "egress ip saddr 10.77.0.50 drop",
+            "egress arp saddr ip 10.77.0.50 drop",
+            "ingress ether daddr 02:77:00:00:00:50 drop",
+            "egress ether saddr 02:77:00:00:00:50 drop",
+        ] {
+            assert!(c.contains(&format!("add rule netdev t2 {rule}")), "{rule}");
+        }
+        assert!(!block_behind_commands("t2", addr, "eth0", None).contains("ether"));
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct SourceConfig {
     pub max_frozen: Duration,
     /// Other deadlines.
     pub timeouts: Timeouts,
+    /// The container it moves, if it moves one (sent to the agent in `Hello`).
+    pub container: Option<crate::protocol::ContainerSpec>,
 }
 
 /// The proxy in front of the service.
@@ -863,6 +865,7 @@ impl SourceMachine {
                     protocol: PROTOCOL,
                     migration_id: self.cfg.id.clone(),
                     service_addr: self.cfg.service_addr,
+                    container: self.cfg.container.clone(),
                 });
                 self.deadline = Some(now + self.cfg.timeouts.handshake);
                 State::Handshaking

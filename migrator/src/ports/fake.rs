@@ -354,6 +354,31 @@ impl AddressMover for FakeNet {
         self.world.with(|s| s.announced.push(addr));
         Ok(())
     }
+
+    async fn block_behind(
+        &self,
+        table: &str,
+        _svc: ServiceAddr,
+        _dev: &str,
+        _mac: Option<[u8; 6]>,
+    ) -> Result<(), PortError> {
+        self.world.op("block_behind")?;
+        self.world.with(|s| {
+            s.tables.insert(table.to_string());
+        });
+        Ok(())
+    }
+
+    async fn announce_as(
+        &self,
+        addr: Ipv4Addr,
+        _dev: &str,
+        _mac: [u8; 6],
+    ) -> Result<(), PortError> {
+        self.world.op("announce")?;
+        self.world.with(|s| s.announced.push(addr));
+        Ok(())
+    }
 }
 
 /// A proxy that only changes the [`FakeWorld`].

@@ -210,6 +210,28 @@ pub trait AddressMover: Send + Sync + 'static {
         addr: Ipv4Addr,
         dev: &str,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
+
+    /// Blocks `svc` on the LAN interface `dev` itself, under table `table`, without adding it
+    /// here: for a container, whose address lives in a network namespace of its own behind
+    /// `dev` (a macvlan), which the block reaches before that namespace sees anything. Frames
+    /// to and from `mac` (the container's static MAC, if it has one) are dropped too, so that
+    /// the LAN does not learn it here early. Lifted by [`delete_table`](Self::delete_table).
+    fn block_behind(
+        &self,
+        table: &str,
+        svc: ServiceAddr,
+        dev: &str,
+        mac: Option<[u8; 6]>,
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+
+    /// Announces `addr` from `dev` with `mac` as its hardware address (a container's, behind
+    /// `dev`).
+    fn announce_as(
+        &self,
+        addr: Ipv4Addr,
+        dev: &str,
+        mac: [u8; 6],
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
 }
 
 /// The proxy in front of the service, as a migration drives it.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ErrorCode, Phase};
 use super::stats::CriuRestoreStats;
-use super::types::{MigrationId, ServiceAddr};
+use super::types::{ContainerSpec, MigrationId, ServiceAddr};
 
 /// Protocol version in `Hello` and `Resolve`. Version 2 restores the tree stopped and
 /// unreachable until `Commit`, which the source sends only once its own copy is gone.
@@ -41,6 +41,9 @@ pub enum ToAgent {
         migration_id: MigrationId,
         /// The address the service keeps across the move.
         service_addr: ServiceAddr,
+        /// The container the migration moves, if it moves one (else a process tree).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<ContainerSpec>,
     },
     /// Opens a connection about a migration whose outcome one side does not know (a process
     /// died, or the connection was lost, between the commit messages). Carries the source's
@@ -249,6 +252,18 @@ mod tests {
                 protocol: PROTOCOL,
                 migration_id: MigrationId::random(),
                 service_addr: "10.77.0.100/24".parse().expect("addr"),
+                container: None,
+            },
+            ToAgent::Hello {
+                protocol: PROTOCOL,
+                migration_id: MigrationId::random(),
+                service_addr: "10.77.0.100/24".parse().expect("addr"),
+                container: Some(ContainerSpec {
+                    name: "svc".into(),
+                    create_args: vec!["--name".into(), "svc".into(), "localhost/svc:1".into()],
+                    bind_sources: vec!["/srv/data".into()],
+                    mac: Some("02:77:00:00:00:64".into()),
+                }),
             },
             ToAgent::Resolve {
                 protocol: PROTOCOL,

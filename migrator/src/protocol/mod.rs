@@ -23,4 +23,4 @@ pub mod types;
 pub use error::{ErrorCode, Phase, Side, WireError};
 pub use frame::{Frame, Kind, PageBatch};
 pub use message::{Decision, FromAgent, Resolution, ToAgent, PROTOCOL};
-pub use types::{MigrationId, ServiceAddr, PAGE};
+pub use types::{ContainerSpec, MigrationId, ServiceAddr, PAGE};

@@ -179,3 +179,90 @@ mod tests {
         assert_ne!(MigrationId::random(), MigrationId::random());
     }
 }
+
+/// Most arguments a container's creation may have.
+pub const MAX_CREATE_ARGS: usize = 512;
+/// Longest argument of a container's creation, and longest host path it mounts.
+pub const MAX_CREATE_ARG_BYTES: usize = 4096;
+
+/// A Podman container as the unit of a migration: what the destination needs to create it again
+/// (same name, image, configuration and address) before it restores it from the images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    /// Its name, kept on the destination.
+    pub name: String,
+    /// The options, image and command of the `podman run` or `podman create` that made it
+    /// (Podman's record of its command line, from the subcommand's first argument on; the
+    /// `--detach` of `run` dropped).
+    pub create_args: Vec<String>,
+    /// The host paths it bind-mounts: each must exist on the destination.
+    pub bind_sources: Vec<String>,
+    /// Its static MAC address (`--mac-address`), if it has one: it moves with it.
+    pub mac: Option<String>,
+}
+
+impl ContainerSpec {
+    /// Checks the bounds and shapes a destination relies on: a name Podman accepts, at most
+    /// [`MAX_CREATE_ARGS`] arguments of at most [`MAX_CREATE_ARG_BYTES`] each, no NUL, absolute
+    /// mount sources, a MAC of six hex octets.
+    pub fn validate(&self) -> Result<(), String> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 253
+            && self.name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !name_ok {
+            return Err(format!(
+                "container name {:?} is not a Podman name",
+                self.name
+            ));
+        }
+        if self.create_args.is_empty() || self.create_args.len() > MAX_CREATE_ARGS {
+            return Err(format!(
+                "a container's creation has 1 to {MAX_CREATE_ARGS} arguments, not {}",
+                self.create_args.len()
+            ));
+        }
+        let too_long = |s: &String| s.len() > MAX_CREATE_ARG_BYTES || s.contains('\0');
+        if let Some(a) = self.create_args.iter().find(|a| too_long(a)) {
+            return Err(format!(
+                "a creation argument is longer than {MAX_CREATE_ARG_BYTES} bytes or has a NUL: {:.64}",
+                a
+            ));
+        }
+        if self.bind_sources.len() > MAX_CREATE_ARGS {
+            return Err(format!("more than {MAX_CREATE_ARGS} bind mounts"));
+        }
+        if let Some(p) = self
+            .bind_sources
+            .iter()
+            .find(|p| too_long(p) || !p.starts_with('/'))
+        {
+            return Err(format!("bind mount source {p:.64} is not an absolute path"));
+        }
+        if let Some(mac) = &self.mac {
+            let octets: Vec<&str> = mac.split(':').collect();
+            if octets.len() != 6
+                || !octets
+                    .iter()
+                    .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+            {
+                return Err(format!("{mac:?} is not a MAC address"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The MAC address as octets, if it has a static one (and it is well-formed).
+    pub fn mac_octets(&self) -> Option<[u8; 6]> {
+        let mut out = [0u8; 6];
+        let mut parts = self.mac.as_deref()?.split(':');
+        for o in &mut out {
+            *o = u8::from_str_radix(parts.next()?, 16).ok()?;
+        }
+        parts.next().is_none().then_some(out)
+    }
+}

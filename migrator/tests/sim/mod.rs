@@ -357,6 +357,7 @@ impl Sim {
                 redirect: self.setup.redirect,
             }),
             max_frozen: self.setup.max_frozen,
+            container: None,
             timeouts: Timeouts {
                 resolve: Duration::from_secs(60),
                 ..Default::default()

@@ -1,0 +1,80 @@
+//! Podman containers as the unit of a migration.
+//!
+//! The source dumps the container's process tree with tether's own CRIU worker (pre-copy, the
+//! hold point at `post-dump`, the commit protocol: all as for a process tree), told what runc
+//! itself tells CRIU about a container ([`scope`]): its root file system, the mounts and the
+//! network namespace its runtime provides, its cgroups. The images are therefore the ones runc's
+//! restore expects, and the destination restores them through Podman ([`podman`]) into a
+//! container it created beforehand with the source's configuration, so that Podman manages it
+//! afterwards (`podman ps`, `logs`, `stop`). [`unit::ContainerSource`] is the source's
+//! [`Checkpointer`](crate::ports::Checkpointer).
+//!
+//! The container's address lives in its own network namespace (a macvlan on the hosts' LAN),
+//! not on the host: the source's locks go into that namespace, and the destination blocks the
+//! address (and the container's MAC) on the LAN interface itself, in nftables' `netdev` family,
+//! before Podman brings the namespace up.
+
+pub mod podman;
+pub mod scope;
+pub mod unit;
+
+/// Errors of the container adapter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ContainerError {
+    /// No `podman` in PATH.
+    #[error("no podman found in PATH (run scripts/setup.sh as root)")]
+    NoPodman,
+    /// No container of that name or id.
+    #[error("no container {0:?} here (see `podman ps -a`)")]
+    NoSuchContainer(String),
+    /// The container does not run.
+    #[error(
+        "container {0:?} does not run (paused, created or exited): only a running container moves"
+    )]
+    NotRunning(String),
+    /// The container has a terminal.
+    #[error("container {0:?} has a terminal (-t): tether moves containers without one")]
+    Terminal(String),
+    /// Podman has no record of how the container was made.
+    #[error("Podman has no command line recorded for container {0:?} (made through its API?): tether recreates a container on the destination from it")]
+    NoCreateCommand(String),
+    /// A bind mount's source is missing here.
+    #[error("bind mount source {0} does not exist on this host: create it (with the data the container needs) before moving the container here")]
+    MissingMount(String),
+    /// A container of that name exists here already.
+    #[error("a container named {0:?} exists on this host already")]
+    NameTaken(String),
+    /// A Podman command failed.
+    #[error("podman failed {what}: {detail}")]
+    Podman {
+        /// What it was doing.
+        what: String,
+        /// Its message.
+        detail: String,
+    },
+    /// A file or process of the container could not be read.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something the container's runtime set up is not what tether understands.
+    #[error("container {name:?}: {detail}")]
+    Unsupported {
+        /// The container.
+        name: String,
+        /// What is unsupported.
+        detail: String,
+    },
+}
+
+impl ContainerError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {
+        let what = what.into();
+        move |source| ContainerError::Io { what, source }
+    }
+}

@@ -1,0 +1,333 @@
+//! [`ContainerSource`]: the source's [`Checkpointer`] for a Podman container. The dump is a
+//! process tree's ([`CriuTree`], with the container's [`scope`](super::scope)); what is added:
+//! the runtime's `descriptors.json` and the container's log go with the images, Podman removes
+//! the container once it is committed away, and the way back after a failed destination is
+//! Podman's own restore of the images here.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+use super::podman::{self, Inspected, Podman};
+use super::{scope, ContainerError};
+use crate::criu::lazy::LazyPages;
+use crate::criu::tree::{CriuTree, TreeDump};
+use crate::criu::Criu;
+use crate::hostnet::HostAddressMover;
+use crate::machine::agent::RestoreInfo;
+use crate::machine::source::DumpEnd;
+use crate::machine::PortError;
+use crate::ports::{AddressMover, Checkpointer, Dump, DumpPoint};
+use crate::protocol::{ContainerSpec, ErrorCode, ServiceAddr};
+
+impl From<ContainerError> for PortError {
+    fn from(e: ContainerError) -> PortError {
+        let code = match &e {
+            ContainerError::MissingMount(_) | ContainerError::NameTaken(_) => ErrorCode::Refused,
+            _ => ErrorCode::Checkpoint,
+        };
+        PortError::caused(code, "the container", e)
+    }
+}
+
+/// A running container on the source, checked movable.
+#[derive(Debug, Clone)]
+pub struct ContainerSource {
+    tree: CriuTree,
+    podman: Podman,
+    container: Inspected,
+    spec: ContainerSpec,
+}
+
+impl ContainerSource {
+    /// Looks `name` up and checks that tether can move it: it runs, has no terminal, has its
+    /// own network namespace and a recorded command line; its dump scope is read here.
+    pub async fn open(criu: &Criu, name: &str) -> Result<ContainerSource, ContainerError> {
+        let podman = Podman::locate(criu.path())?;
+        let c = podman.inspect(name).await?;
+        if !c.running || c.pid <= 1 {
+            return Err(ContainerError::NotRunning(c.name));
+        }
+        if c.tty {
+            return Err(ContainerError::Terminal(c.name));
+        }
+        let create_args = podman::create_args(&c.create_command)
+            .ok_or_else(|| ContainerError::NoCreateCommand(c.name.clone()))?;
+        let static_mac = create_args
+            .iter()
+            .any(|a| a == "--mac-address" || a.starts_with("--mac-address="));
+        let spec = ContainerSpec {
+            name: c.name.clone(),
+            create_args,
+            bind_sources: c.binds.iter().map(|(s, _)| s.clone()).collect(),
+            mac: c.mac.clone().filter(|_| static_mac),
+        };
+        spec.validate()
+            .map_err(|detail| ContainerError::Unsupported {
+                name: c.name.clone(),
+                detail,
+            })?;
+        let scope = scope::of(&c)?;
+        let start = crate::criu::tree::process_start_time(c.pid)
+            .ok_or_else(|| ContainerError::NotRunning(c.name.clone()))?;
+        info!(container = %c.name, id = %c.id, pid = c.pid, "container to move");
+        Ok(ContainerSource {
+            tree: CriuTree::recorded(criu.clone(), c.pid, start).with_scope(scope),
+            podman,
+            container: c,
+            spec,
+        })
+    }
+
+    /// What the destination needs to create it again.
+    pub fn spec(&self) -> &ContainerSpec {
+        &self.spec
+    }
+
+    /// Its init process here.
+    pub fn pid(&self) -> i32 {
+        self.container.pid
+    }
+
+    /// Its id.
+    pub fn id(&self) -> &str {
+        &self.container.id
+    }
+
+    /// The start time of its init process (journaled with the pid).
+    pub fn pid_start(&self) -> Option<u64> {
+        self.tree.root_start()
+    }
+}
+
+/// A container's dump in progress.
+#[derive(Debug)]
+pub struct ContainerDump {
+    inner: TreeDump,
+    images: PathBuf,
+    source: ContainerSource,
+}
+
+impl ContainerDump {
+    /// Puts what runc's restore and the destination's Podman need beside CRIU's images: the
+    /// tree's standard descriptors as runc records them, and the container's log so far.
+    fn add_runtime_files(&self) -> Result<(), PortError> {
+        let pid = self.source.container.pid;
+        let fds: Vec<String> = (0..3)
+            .map(|fd| {
+                std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "/dev/null".to_string())
+            })
+            .collect();
+        let json = serde_json::to_vec(&fds)
+            .map_err(|e| PortError::caused(ErrorCode::Internal, "descriptors.json", e))?;
+        std::fs::write(self.images.join(podman::DESCRIPTORS_FILE), json)
+            .map_err(|e| PortError::caused(ErrorCode::Storage, "writing descriptors.json", e))?;
+        if let Some(log) = &self.source.container.log_path {
+            if let Err(e) = std::fs::copy(log, self.images.join(podman::LOG_FILE)) {
+                warn!("the container's log {} stays here: {e}", log.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Dump for ContainerDump {
+    async fn proceed(&mut self) -> Result<DumpPoint, PortError> {
+        let p = self.inner.proceed().await?;
+        if p == DumpPoint::Held {
+            self.add_runtime_files()?;
+        }
+        Ok(p)
+    }
+
+    async fn answer_commit(&mut self) -> Result<(), PortError> {
+        self.inner.answer_commit().await
+    }
+
+    async fn commit(self) -> Result<DumpEnd, PortError> {
+        // CRIU ends the tree; Podman keeps the container (exited) with its network namespace,
+        // where the kept lock is, until the address is removed ([`ContainerNet`]): until then
+        // the images can still be restored into it here.
+        self.inner.commit().await
+    }
+
+    async fn rollback(self) -> Result<(), PortError> {
+        self.inner.rollback().await
+    }
+
+    fn worker(&self) -> Option<(i32, u64)> {
+        self.inner.worker()
+    }
+}
+
+impl Checkpointer for ContainerSource {
+    type Dump = ContainerDump;
+    type Lazy = LazyPages;
+
+    fn start_lazy(&self, _images: &Path) -> Result<Option<LazyPages>, PortError> {
+        Ok(None)
+    }
+
+    fn root_pid(&self) -> i32 {
+        self.tree.root_pid()
+    }
+
+    async fn start_dump(&self, images: &Path) -> Result<ContainerDump, PortError> {
+        Ok(ContainerDump {
+            inner: self.tree.start_dump(images).await?,
+            images: images.to_path_buf(),
+            source: self.clone(),
+        })
+    }
+
+    async fn source_copy_exists(&self, worker: Option<(i32, u64)>) -> Result<bool, PortError> {
+        self.tree.source_copy_exists(worker).await
+    }
+
+    async fn kill_source_copy(&self) -> Result<(), PortError> {
+        self.tree.kill_source_copy().await
+    }
+
+    async fn restore_here(&self, images: &Path) -> Result<i32, PortError> {
+        // CRIU ended the tree at the commit; the container is still Podman's (exited), and
+        // Podman restores it from these images as after a checkpoint of its own.
+        let (pid, _) = self.podman.restore(&self.container.id, images).await?;
+        info!(pid, "restored the container here from the image set");
+        Ok(pid)
+    }
+
+    async fn restore_stopped(
+        &self,
+        images: &Path,
+        lazy: bool,
+        on_pid: impl FnOnce(i32) + Send + 'static,
+    ) -> Result<RestoreInfo, PortError> {
+        self.tree.restore_stopped(images, lazy, on_pid).await
+    }
+
+    fn resume(&self, pid: i32) -> Result<(), PortError> {
+        self.tree.resume(pid)
+    }
+
+    fn kill(&self, pid: i32, start: u64) -> bool {
+        self.tree.kill(pid, start)
+    }
+
+    fn alive(&self, pid: i32, start: u64) -> bool {
+        self.tree.alive(pid, start)
+    }
+
+    fn start_time(&self, pid: i32) -> Option<u64> {
+        self.tree.start_time(pid)
+    }
+
+    async fn restored_intact(
+        &self,
+        pid: i32,
+        start: u64,
+        lazy: Option<(i32, u64)>,
+        images: &Path,
+    ) -> bool {
+        self.tree.restored_intact(pid, start, lazy, images).await
+    }
+}
+
+/// The source's [`AddressMover`] for a container: the host mover of the container's own network
+/// namespace (its address, its interface, the source's locks are all there), except that the
+/// address leaves this host with the container: removing it removes the container from Podman
+/// (its namespace, and the kept lock in it, go with it).
+#[derive(Debug, Clone)]
+pub struct ContainerNet {
+    inner: HostAddressMover,
+    podman: Podman,
+    id: String,
+}
+
+impl ContainerNet {
+    /// The mover of `source`'s network namespace (sockets opened there on a thread of their own;
+    /// they keep working from any thread).
+    pub fn open(source: &ContainerSource) -> Result<ContainerNet, ContainerError> {
+        let ns_path = format!("/proc/{}/ns/net", source.pid());
+        let ns = std::fs::File::open(&ns_path).map_err(ContainerError::io(format!(
+            "opening the container's network namespace {ns_path}"
+        )))?;
+        let handle = tokio::runtime::Handle::current();
+        let inner = std::thread::spawn(move || {
+            let _rt = handle.enter();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering the container's network namespace: {e}"))?;
+            HostAddressMover::new().map_err(|e| e.to_string())
+        })
+        .join()
+        .map_err(|_| "the thread entering the container's namespace panicked".to_string())
+        .and_then(|r| r)
+        .map_err(|detail| ContainerError::Unsupported {
+            name: source.spec.name.clone(),
+            detail,
+        })?;
+        Ok(ContainerNet {
+            inner,
+            podman: source.podman.clone(),
+            id: source.container.id.clone(),
+        })
+    }
+}
+
+impl AddressMover for ContainerNet {
+    async fn check_free(
+        &self,
+        svc: ServiceAddr,
+        explicit: Option<&str>,
+    ) -> Result<String, PortError> {
+        self.inner.check_free(svc, explicit).await
+    }
+
+    async fn interface_of(&self, addr: Ipv4Addr) -> Result<Option<String>, PortError> {
+        self.inner.interface_of(addr).await
+    }
+
+    async fn claim(&self, table: &str, svc: ServiceAddr, dev: &str) -> Result<(), PortError> {
+        self.inner.claim(table, svc, dev).await
+    }
+
+    async fn add(&self, svc: ServiceAddr, dev: &str) -> Result<(), PortError> {
+        self.inner.add(svc, dev).await
+    }
+
+    async fn remove(&self, _svc: ServiceAddr, _dev: &str) -> Result<(), PortError> {
+        self.podman.remove(&self.id).await.map_err(PortError::from)
+    }
+
+    async fn delete_table(&self, table: &str) -> Result<(), PortError> {
+        self.inner.delete_table(table).await
+    }
+
+    async fn lock(&self, table: &str, addr: Ipv4Addr, owned: bool) -> Result<(), PortError> {
+        self.inner.lock(table, addr, owned).await
+    }
+
+    async fn unlock(&self, tables: &[(String, bool)]) -> Result<(), PortError> {
+        self.inner.unlock(tables).await
+    }
+
+    async fn announce(&self, addr: Ipv4Addr, dev: &str) -> Result<(), PortError> {
+        self.inner.announce(addr, dev).await
+    }
+
+    async fn block_behind(
+        &self,
+        table: &str,
+        svc: ServiceAddr,
+        dev: &str,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), PortError> {
+        self.inner.block_behind(table, svc, dev, mac).await
+    }
+
+    async fn announce_as(&self, addr: Ipv4Addr, dev: &str, mac: [u8; 6]) -> Result<(), PortError> {
+        self.inner.announce_as(addr, dev, mac).await
+    }
+}
