@@ -102,6 +102,8 @@ fn main() -> anyhow::Result<()> {
         proxy_max_hold_ms: None,
         hot_first_mib: None,
         interpreted: false,
+        container: false,
+        container_args: Vec::new(),
     };
     println!(
         "tether demo: service with {} MiB state rewriting {} pages/s, {} TCP + {} QUIC clients through tether-proxy and as many direct, src-dst link {}",

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::testbed::{become_subreaper, Host, HostProcess, ServiceProcess, Topology};
+use crate::testbed::{
+    become_subreaper, Host, HostProcess, ServiceProcess, Topology, PODMAN_NETWORK, SERVICE_IMAGE,
+};
 use tether_migrator::report::Report;
 
 /// Port of the example service (TCP and UDP).
@@ -87,6 +89,12 @@ pub struct ScenarioConfig {
     /// Run `examples/interpreted_service.py` (CPython, TCP only: start no QUIC clients) instead
     /// of the example service.
     pub interpreted: bool,
+    /// Run the example service as a Podman container ([`CONTAINER_NAME`], image
+    /// [`SERVICE_IMAGE`], on the macvlan network of `src` and `dst` made Podman hosts) and move
+    /// it with `tether migrate --container`.
+    pub container: bool,
+    /// More `podman run` options for the service's container (e.g. a `--volume`).
+    pub container_args: Vec<String>,
 }
 
 impl Default for ScenarioConfig {
@@ -100,6 +108,8 @@ impl Default for ScenarioConfig {
             proxy_max_hold_ms: None,
             hot_first_mib: None,
             interpreted: false,
+            container: false,
+            container_args: Vec::new(),
         }
     }
 }
@@ -109,6 +119,11 @@ pub const INTERPRETED_SERVICE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/examples/interpreted_service.py"
 );
+
+/// The name of the example service's container (`ScenarioConfig::container`).
+pub const CONTAINER_NAME: &str = "tether-svc";
+/// The static MAC address of the example service's container: it moves with the container.
+pub const CONTAINER_MAC: &str = "02:77:00:00:00:64";
 
 /// The proxy's name for the example service.
 pub const PROXY_SERVICE: &str = "example";
@@ -132,6 +147,8 @@ pub struct Scenario {
     full_restore: Vec<Host>,
     /// The agents' `--hot-first-mib`, if set.
     hot_first_mib: Option<u64>,
+    /// The service is the container [`CONTAINER_NAME`].
+    container: bool,
 }
 
 /// A process's resident memory and CPU time (from `/proc`).
@@ -197,11 +214,20 @@ impl Scenario {
             client_runs: 0,
             full_restore: cfg.full_restore_on.clone(),
             hot_first_mib: cfg.hot_first_mib,
+            container: cfg.container,
         };
-        s.topo.run(
-            Host::Src,
-            &["ip", "addr", "add", s.topo.service_cidr(), "dev", "eth0"],
-        )?;
+        if cfg.container {
+            if cfg.interpreted {
+                bail!("the interpreted service does not run as a container here");
+            }
+            s.topo.enable_podman()?;
+            s.topo.import_binary_image(&s.bins.service, SERVICE_IMAGE)?;
+        } else {
+            s.topo.run(
+                Host::Src,
+                &["ip", "addr", "add", s.topo.service_cidr(), "dev", "eth0"],
+            )?;
+        }
         for host in [Host::Src, Host::Dst] {
             s.start_agent(host)?;
         }
@@ -231,11 +257,15 @@ impl Scenario {
         } else {
             s.bins.service.clone()
         };
-        let svc = s
-            .topo
-            .spawn_service(Host::Src, &program, &args, Some(&log))?;
-        s.pid = svc.pid();
-        s.service = Some(svc);
+        if cfg.container {
+            s.pid = s.run_container(&cfg.container_args, &args)?;
+        } else {
+            let svc = s
+                .topo
+                .spawn_service(Host::Src, &program, &args, Some(&log))?;
+            s.pid = svc.pid();
+            s.service = Some(svc);
+        }
         s.topo
             .wait_for_tcp(Host::Client, s.service_addr(), Duration::from_secs(60))
             .context("the example service did not come up")?;
@@ -269,6 +299,70 @@ impl Scenario {
                 .context("the proxy did not come up")?;
         }
         Ok(s)
+    }
+
+    /// Starts the example service's container on `src` with `args` and returns its init's pid.
+    fn run_container(&self, options: &[String], args: &[String]) -> anyhow::Result<u32> {
+        let ip = self.topo.service_ip().to_string();
+        let mut argv = vec![
+            "run",
+            "--detach",
+            "--name",
+            CONTAINER_NAME,
+            "--network",
+            PODMAN_NETWORK,
+            "--ip",
+            &ip,
+            "--mac-address",
+            CONTAINER_MAC,
+            // No CAP_SYS_RESOURCE here: CRIU must not need to raise these on restore.
+            "--ulimit",
+            "nofile=4096:4096",
+            "--ulimit",
+            "nproc=4096:4096",
+        ];
+        argv.extend(options.iter().map(String::as_str));
+        argv.extend([SERVICE_IMAGE, "/service"]);
+        argv.extend(args.iter().map(String::as_str));
+        self.topo.podman(Host::Src, &argv)?;
+        self.container_pid(Host::Src)?
+            .context("the service's container does not run after podman run")
+    }
+
+    /// The host pid of the service container's init on `host`, if it runs there.
+    pub fn container_pid(&self, host: Host) -> anyhow::Result<Option<u32>> {
+        let out = self.topo.podman(
+            host,
+            &[
+                "ps",
+                "--filter",
+                &format!("name=^{CONTAINER_NAME}$"),
+                "--format",
+                "{{.Pid}}",
+            ],
+        )?;
+        Ok(out
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .filter(|p| *p > 0))
+    }
+
+    /// What `podman ps --all` lists on `host`: (name, state) of each container, the state as
+    /// Podman's JSON gives it (`running`, `exited`, ...).
+    pub fn containers(&self, host: Host) -> anyhow::Result<Vec<(String, String)>> {
+        let out = self
+            .topo
+            .podman(host, &["ps", "--all", "--format", "json"])?;
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&out).context("podman ps --format json")?;
+        Ok(list
+            .iter()
+            .map(|c| {
+                let name = c["Names"][0].as_str().unwrap_or_default().to_string();
+                (name, c["State"].as_str().unwrap_or_default().to_string())
+            })
+            .collect())
     }
 
     /// The proxy's front address for the service (clients connect here).
@@ -511,10 +605,13 @@ impl Scenario {
     /// interrupt it); [`migrate_with`](Self::migrate_with) runs it and reads the report.
     pub fn migrate_command(&self, to: Host, certs: &Path) -> std::process::Command {
         let mut cmd = self.topo.command(self.location, &self.bins.tether);
+        cmd.arg("migrate");
+        if self.container {
+            cmd.args(["--container", CONTAINER_NAME]);
+        } else {
+            cmd.args(["--pid", &self.pid.to_string()]);
+        }
         cmd.args([
-            "migrate",
-            "--pid",
-            &self.pid.to_string(),
             "--to",
             &self.agent_addr(to).to_string(),
             "--certs",
@@ -650,6 +747,9 @@ impl Scenario {
     /// binary in the network namespace of `src` or `dst`, any state): (host, pid, state letter
     /// from /proc/PID/stat, e.g. `S` running or sleeping, `T` stopped).
     pub fn service_copies(&self) -> Vec<(Host, u32, char)> {
+        if self.container {
+            return self.container_copies();
+        }
         let ns = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
         let hosts: Vec<(Host, u64)> = [Host::Src, Host::Dst]
             .into_iter()
@@ -684,6 +784,26 @@ impl Scenario {
             if state != 'Z' {
                 v.push((*host, pid, state));
             }
+        }
+        v
+    }
+
+    /// [`service_copies`](Self::service_copies) of a container: its init on each host where
+    /// Podman runs it, `T` while its freezer holds it.
+    fn container_copies(&self) -> Vec<(Host, u32, char)> {
+        let mut v = Vec::new();
+        for host in [Host::Src, Host::Dst] {
+            let Ok(Some(pid)) = self.container_pid(host) else {
+                continue;
+            };
+            let frozen = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .ok()
+                .and_then(|c| {
+                    let dir = tether_migrator::container::scope::freezer(&c)?;
+                    std::fs::read_to_string(dir.join("freezer.state")).ok()
+                })
+                .is_some_and(|s| s.trim() == "FROZEN");
+            v.push((host, pid, if frozen { 'T' } else { 'S' }));
         }
         v
     }

@@ -150,6 +150,8 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
         proxy_max_hold_ms: None,
         hot_first_mib: cfg.hot_first_mib,
         interpreted: cfg.interpreted,
+        container: false,
+        container_args: Vec::new(),
     };
     let mut s = Scenario::start(bins, &sc).context("starting the test bed")?;
     writeln!(

@@ -28,6 +28,8 @@ fn proxied(cfg: ScenarioConfig) -> Scenario {
         proxy_max_hold_ms: Some(60_000),
         hot_first_mib: None,
         interpreted: false,
+        container: false,
+        container_args: Vec::new(),
         ..cfg
     })
 }

@@ -124,6 +124,8 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
         proxy_max_hold_ms: None,
         hot_first_mib: None,
         interpreted: false,
+        container: false,
+        container_args: Vec::new(),
     });
     let pid = s.pid();
     s.verify_state().expect("state verifies");

@@ -37,6 +37,8 @@ fn precopy_of_128_mib_writing_2000_pages_per_second_over_1_gbit() {
         proxy_max_hold_ms: None,
         hot_first_mib: None,
         interpreted: false,
+        container: false,
+        container_args: Vec::new(),
     });
     let clients = s
         .start_clients(8, 2, Duration::from_secs(8), None)
@@ -87,6 +89,8 @@ fn a_dirtier_faster_than_the_link_hits_max_rounds_and_auto_converge_converges_ea
         proxy_max_hold_ms: None,
         hot_first_mib: None,
         interpreted: false,
+        container: false,
+        container_args: Vec::new(),
     });
     let clients = s
         .start_clients(2, 1, Duration::from_secs(30), None)
@@ -200,6 +204,8 @@ fn cancelling_during_precopy_leaves_the_service_untouched() {
         proxy_max_hold_ms: None,
         hot_first_mib: None,
         interpreted: false,
+        container: false,
+        container_args: Vec::new(),
     });
     let pid = s.pid();
     let clients = s

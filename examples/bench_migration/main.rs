@@ -476,6 +476,8 @@ fn measure_baseline(bins: &Binaries, args: &Args) -> anyhow::Result<Baseline> {
             proxy_max_hold_ms: None,
             hot_first_mib: None,
             interpreted: false,
+            container: false,
+            container_args: Vec::new(),
         },
     )
     .context("starting the baseline scenario")?;
@@ -592,6 +594,8 @@ fn fill_cell(
             proxy_max_hold_ms: None,
             hot_first_mib: None,
             interpreted: false,
+            container: false,
+            container_args: Vec::new(),
         },
     )
     .context("starting the scenario")?;

@@ -77,6 +77,8 @@ pub fn calibrate_links(
                     proxy_max_hold_ms: None,
                     hot_first_mib: None,
                     interpreted: false,
+                    container: false,
+                    container_args: Vec::new(),
                 },
             )
             .context("starting a calibration scenario")?;

@@ -65,6 +65,7 @@
 
 mod names;
 mod netns;
+mod podman;
 mod prereq;
 mod process;
 mod topology;
@@ -77,6 +78,7 @@ use std::net::Ipv4Addr;
 
 pub use names::remove_stale_topologies;
 pub use netns::in_netns;
+pub use podman::{podman_available, PODMAN_NETWORK, SERVICE_IMAGE};
 pub use prereq::{criu_path, prerequisites_or_fail, require_prerequisites};
 pub use process::{set_cloexec_on_inherited_fds, HostProcess, ServiceProcess};
 pub use topology::{tbf_burst_bytes, Topology, TopologyBuilder};

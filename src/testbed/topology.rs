@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 
 use super::names::{netns_path, next_prefix, work_dir_for, LAN_SUFFIX};
 use super::netns::in_netns;
+use super::podman::HostSetup;
 use super::process::{
     kill_processes_in_netns, netns_id, run_checked, set_cloexec_on_inherited_fds,
 };
@@ -85,6 +86,8 @@ impl TopologyBuilder {
             migration_link_rate: self.migration_link_rate,
             created: Vec::new(),
             work_dir_created: false,
+            host_setup: [None, None, None, None],
+            podman_mnt_dir: None,
         };
         // From here on, an early return drops `topo`, which removes what was created.
         topo.create(&self)
@@ -111,9 +114,13 @@ pub struct Topology {
     created: Vec<String>,
     work_dir: PathBuf,
     work_dir_created: bool,
+    /// Per host: the mount namespace and environment of its programs (Podman hosts).
+    pub(super) host_setup: [Option<HostSetup>; 4],
+    /// Where the Podman hosts' mount namespaces are bound, once [`Topology::enable_podman`] ran.
+    pub(super) podman_mnt_dir: Option<PathBuf>,
 }
 
-fn host_index(host: Host) -> usize {
+pub(super) fn host_index(host: Host) -> usize {
     match host {
         Host::Client => 0,
         Host::Src => 1,
@@ -241,7 +248,7 @@ impl Topology {
 
     /// Removes everything; returns the problems met (empty on success). Idempotent.
     fn teardown(&mut self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.teardown_podman();
         let ids: Vec<_> = self
             .created
             .iter()
@@ -412,7 +419,14 @@ impl Topology {
         let mut net = std::ffi::OsString::from("--net=");
         net.push(self.netns_path(host));
         let mut cmd = Command::new("nsenter");
-        cmd.arg(net).arg("--").arg(program);
+        cmd.arg(net);
+        if let Some(setup) = &self.host_setup[host_index(host)] {
+            let mut mnt = std::ffi::OsString::from("--mount=");
+            mnt.push(&setup.mount_ns);
+            cmd.arg(mnt);
+            cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
+        }
+        cmd.arg("--").arg(program);
         cmd
     }
 

@@ -14,6 +14,7 @@
 //! address (and the container's MAC) on the LAN interface itself, in nftables' `netdev` family,
 //! before Podman brings the namespace up.
 
+pub mod neighbours;
 pub mod podman;
 pub mod scope;
 pub mod unit;
@@ -77,4 +78,31 @@ impl ContainerError {
         let what = what.into();
         move |source| ContainerError::Io { what, source }
     }
+}
+
+/// Runs `f` on a thread of its own in the network namespace of process `pid`, inside the
+/// current tokio runtime: the sockets `f` opens stay in that namespace, whichever thread uses
+/// them afterwards.
+pub(crate) fn in_netns_of<T: Send + 'static>(
+    pid: i32,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, ContainerError> {
+    let path = format!("/proc/{pid}/ns/net");
+    let ns = std::fs::File::open(&path).map_err(ContainerError::io(format!(
+        "opening the container's network namespace {path}"
+    )))?;
+    let handle = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        let _rt = handle.enter();
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering the container's network namespace: {e}"))?;
+        f()
+    })
+    .join()
+    .map_err(|_| "the thread in the container's network namespace panicked".to_string())
+    .and_then(|r| r)
+    .map_err(|detail| ContainerError::Unsupported {
+        name: format!("pid {pid}"),
+        detail,
+    })
 }

@@ -110,8 +110,8 @@ pub struct ContainerDump {
 }
 
 impl ContainerDump {
-    /// Puts what runc's restore and the destination's Podman need beside CRIU's images: the
-    /// tree's standard descriptors as runc records them, and the container's log so far.
+    /// Puts what runc's restore and the destination need beside CRIU's images: the tree's
+    /// standard descriptors as runc records them, its neighbour table and its log so far.
     fn add_runtime_files(&self) -> Result<(), PortError> {
         let pid = self.source.container.pid;
         let fds: Vec<String> = (0..3)
@@ -125,6 +125,14 @@ impl ContainerDump {
             .map_err(|e| PortError::caused(ErrorCode::Internal, "descriptors.json", e))?;
         std::fs::write(self.images.join(podman::DESCRIPTORS_FILE), json)
             .map_err(|e| PortError::caused(ErrorCode::Storage, "writing descriptors.json", e))?;
+        match super::neighbours::read(pid) {
+            Ok(n) => {
+                if let Err(e) = super::neighbours::write(&self.images, &n) {
+                    warn!("the container's neighbour table stays here: {e}");
+                }
+            }
+            Err(e) => warn!("{e}"),
+        }
         if let Some(log) = &self.source.container.log_path {
             if let Err(e) = std::fs::copy(log, self.images.join(podman::LOG_FILE)) {
                 warn!("the container's log {} stays here: {e}", log.display());
@@ -250,23 +258,8 @@ impl ContainerNet {
     /// The mover of `source`'s network namespace (sockets opened there on a thread of their own;
     /// they keep working from any thread).
     pub fn open(source: &ContainerSource) -> Result<ContainerNet, ContainerError> {
-        let ns_path = format!("/proc/{}/ns/net", source.pid());
-        let ns = std::fs::File::open(&ns_path).map_err(ContainerError::io(format!(
-            "opening the container's network namespace {ns_path}"
-        )))?;
-        let handle = tokio::runtime::Handle::current();
-        let inner = std::thread::spawn(move || {
-            let _rt = handle.enter();
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("entering the container's network namespace: {e}"))?;
+        let inner = super::in_netns_of(source.pid(), || {
             HostAddressMover::new().map_err(|e| e.to_string())
-        })
-        .join()
-        .map_err(|_| "the thread entering the container's namespace panicked".to_string())
-        .and_then(|r| r)
-        .map_err(|detail| ContainerError::Unsupported {
-            name: source.spec.name.clone(),
-            detail,
         })?;
         Ok(ContainerNet {
             inner,

@@ -22,6 +22,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::lock;
 use super::receive::Receiver;
 use crate::authz::{Authorization, MemoryBudget};
+use crate::container::neighbours::{self, Neighbours};
 use crate::container::podman::Podman;
 use crate::criu::tree::{process_start_time, CriuTree};
 use crate::criu::{Criu, CriuError};
@@ -685,6 +686,19 @@ struct Task<C: Checkpointer, N, J> {
     replies: HashMap<u64, oneshot::Sender<Resolution>>,
     next_request: u64,
     failed: bool,
+    /// A container restored here and held until it goes live.
+    live_container: Arc<Mutex<Option<LiveContainer>>>,
+}
+
+/// What going live needs of a container restored through Podman, found at its restore.
+#[derive(Debug)]
+struct LiveContainer {
+    /// A netlink socket in its network namespace.
+    neighbours: Neighbours,
+    /// The source's neighbour table.
+    entries: Vec<neighbours::Entry>,
+    /// Its MAC address.
+    mac: Option<[u8; 6]>,
 }
 
 impl<C, N, J> Task<C, N, J>
@@ -714,6 +728,7 @@ where
             replies: HashMap::new(),
             next_request: 0,
             failed: false,
+            live_container: Arc::new(Mutex::new(None)),
         };
         if let Some((conn, send, recv)) = conn {
             task.attach(conn, send, recv);
@@ -1030,8 +1045,9 @@ where
                 let images = self.record.images.clone();
                 let held_bytes = self.receiver.as_ref().map(Receiver::peak);
                 let metrics = self.shared.metrics.clone();
+                let live = self.live_container.clone();
                 tokio::spawn(async move {
-                    let r = restore_container(&podman, &id, &images, &emit).await;
+                    let r = restore_container(&podman, &id, &images, &emit, &live).await;
                     if let Ok(info) = &r {
                         metrics
                             .restore_duration
@@ -1092,7 +1108,7 @@ where
                 let ckpt = self.shared.ckpt.clone();
                 let net = self.shared.net.clone();
                 let is_container = self.record.container.is_some();
-                let container_mac = is_container.then(|| container_mac(pid)).flatten();
+                let live = lock(&self.live_container).take();
                 let (table, addr, dev) = (
                     self.record.block_table.clone(),
                     self.record.service_addr.addr(),
@@ -1113,8 +1129,15 @@ where
                     }
                     let t0 = Instant::now();
                     net.delete_table(&table).await?;
+                    if let Some(l) = &live {
+                        // What the container queued behind incomplete entries leaves now.
+                        match l.neighbours.install(&l.entries).await {
+                            Ok(n) => debug!(n, "the source's neighbour table installed"),
+                            Err(e) => warn!("the container resolves its neighbours afresh: {e}"),
+                        }
+                    }
                     let t1 = Instant::now();
-                    let announced = match container_mac {
+                    let announced = match live.as_ref().and_then(|l| l.mac) {
                         Some(mac) => net.announce_as(addr, &dev, mac).await,
                         None => net.announce(addr, &dev).await,
                     };
@@ -1210,6 +1233,10 @@ where
     }
 }
 
+/// Test hook: when set in the agent's environment, Podman's restore of a container fails (its
+/// images lack the runtime's `descriptors.json`), as a real restore failure on the destination.
+pub const BREAK_RESTORE_VAR: &str = "TETHER_TEST_BREAK_CONTAINER_RESTORE";
+
 /// Restores a staged container through Podman and holds it frozen (its freezer cgroup) until
 /// it goes live, as a restored tree is held stopped: Podman's restore lets it run at once.
 async fn restore_container(
@@ -1217,10 +1244,20 @@ async fn restore_container(
     id: &str,
     images: &Path,
     emit: &(impl Fn(AgentEvent) + Send),
+    live: &Mutex<Option<LiveContainer>>,
 ) -> Result<crate::machine::agent::RestoreInfo, PortError> {
+    if std::env::var_os(BREAK_RESTORE_VAR).is_some() {
+        // Test hook: runc's restore cannot do without the runtime's record of the descriptors.
+        let _ = std::fs::remove_file(images.join(crate::container::podman::DESCRIPTORS_FILE));
+    }
     let (pid, elapsed) = podman.restore(id, images).await?;
     emit(AgentEvent::RestoreStarted { pid });
     set_container_frozen(pid, true)?;
+    *lock(live) = Some(LiveContainer {
+        neighbours: Neighbours::open(pid)?,
+        entries: neighbours::load(images),
+        mac: container_mac(pid),
+    });
     info!(
         pid,
         ms = elapsed.as_millis() as u64,

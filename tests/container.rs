@@ -1,0 +1,259 @@
+//! Podman containers moved by `tether migrate --container` between two Podman hosts (each with
+//! its own storage, run root, network configuration and mount namespace): clients through the
+//! proxy and direct intact, Podman managing the container where it runs, rollback when the
+//! destination's restore fails, refusal before the freeze when a bind mount is missing there.
+//! Needs root, CRIU and Podman (`scripts/setup.sh`); fails when they are missing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_clean, proxied_move, scenario};
+use tether::scenario::{Scenario, ScenarioConfig, CONTAINER_NAME};
+use tether::testbed::Host;
+use tether_migrator::driver::agent::BREAK_RESTORE_VAR;
+
+fn container_scenario(proxy: bool) -> Scenario {
+    scenario(&ScenarioConfig {
+        container: true,
+        proxy,
+        state_mb: 64,
+        dirty_pages_per_sec: 1000,
+        ..Default::default()
+    })
+}
+
+/// The containers Podman lists on `host`: (name, state).
+fn listed(s: &Scenario, host: Host) -> Vec<(String, String)> {
+    s.containers(host).expect("podman ps")
+}
+
+/// `podman logs` of the service's container on `host`: what it wrote to stdout and stderr
+/// (which `podman logs` prints to its own stdout and stderr).
+fn logs(s: &Scenario, host: Host) -> String {
+    let out = s
+        .topo
+        .command(host, "podman")
+        .args(["logs", CONTAINER_NAME])
+        .output()
+        .expect("podman logs");
+    assert!(out.status.success(), "podman logs on {host}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn a_podman_container_moves_there_and_back_with_its_clients_and_its_log() {
+    let mut s = container_scenario(true);
+    let via_proxy = s.proxy_addr();
+    for (i, to) in [Host::Dst, Host::Src].into_iter().enumerate() {
+        let from = s.location();
+        let verified_before = logs(&s, from).matches("state verified").count();
+        let proxied = s
+            .start_clients_to(
+                via_proxy,
+                8,
+                2,
+                Duration::from_secs(4),
+                None,
+                &["--interval-ms", "2"],
+            )
+            .expect("clients via the proxy");
+        let direct = s
+            .start_clients_to(
+                s.service_addr(),
+                4,
+                1,
+                Duration::from_secs(4),
+                None,
+                &["--interval-ms", "2"],
+            )
+            .expect("direct clients");
+        std::thread::sleep(Duration::from_millis(1500));
+        let (report, p, d) = proxied_move(&mut s, i, to, &[], proxied, direct);
+        println!(
+            "move {i} {from} -> {to}: downtime {:.1} ms (restore {:.1} ms), {} pre-copy rounds, \
+             final difference {} pages; max stall via proxy: tcp {:.1} quic {:.1} ms; direct: \
+             tcp {:.1} quic {:.1} ms",
+            report.timings.downtime_ms,
+            report.timings.restore_ms,
+            report.precopy.rounds.len(),
+            report
+                .precopy
+                .final_difference
+                .as_ref()
+                .map_or(0, |f| f.pages_sent),
+            p.tcp.max_stall_ms,
+            p.quic.max_stall_ms,
+            d.tcp.max_stall_ms,
+            d.quic.max_stall_ms,
+        );
+        // Podman manages it where it runs now, and only there.
+        assert_eq!(
+            listed(&s, to),
+            vec![(CONTAINER_NAME.to_string(), "running".to_string())],
+            "move {i}: podman ps on {to}"
+        );
+        assert!(
+            listed(&s, from).is_empty(),
+            "move {i}: the container stays on {from}"
+        );
+        assert_eq!(
+            s.service_copies().len(),
+            1,
+            "move {i}: copies {:?}",
+            s.service_copies()
+        );
+        // Its log came along and goes on: what it wrote before the move (the verification of
+        // proxied_move came after it).
+        let log = logs(&s, to);
+        assert!(
+            log.contains("listening on TCP and UDP/QUIC"),
+            "move {i}: the log from before the move is missing on {to}:\n{log}"
+        );
+        assert!(
+            log.matches("state verified").count() > verified_before,
+            "move {i}: nothing logged after the move on {to}:\n{log}"
+        );
+    }
+    // `podman stop` manages the moved container as any other.
+    s.topo
+        .podman(Host::Src, &["stop", "--time", "2", CONTAINER_NAME])
+        .expect("podman stop");
+    assert_eq!(
+        listed(&s, Host::Src)[0].1,
+        "exited",
+        "podman stop on the container moved back"
+    );
+}
+
+#[test]
+fn a_failed_restore_leaves_the_source_container_running_and_nothing_on_the_destination() {
+    let mut s = container_scenario(true);
+    s.start_agent_env(Host::Dst, &[(BREAK_RESTORE_VAR, "1")])
+        .expect("agent whose restores fail");
+    let pid = s.container_pid(Host::Src).expect("ps").expect("runs");
+    let proxied = s
+        .start_clients_to(
+            s.proxy_addr(),
+            8,
+            2,
+            Duration::from_secs(4),
+            None,
+            &["--interval-ms", "2"],
+        )
+        .expect("clients via the proxy");
+    let direct = s
+        .start_clients_to(
+            s.service_addr(),
+            4,
+            1,
+            Duration::from_secs(4),
+            None,
+            &["--interval-ms", "2"],
+        )
+        .expect("direct clients");
+    std::thread::sleep(Duration::from_millis(1000));
+    let args = s.proxy_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = s.migrate_with(Host::Dst, None, &args).expect("run migrate");
+    assert!(
+        !run.success,
+        "the migration committed despite the failed restore"
+    );
+    assert!(
+        run.stderr.contains("on the destination") && run.stderr.contains("running on the source"),
+        "the failure says where and that the service runs on the source: {}",
+        run.stderr
+    );
+    let (p, d) = (
+        proxied.finish().expect("proxied"),
+        direct.finish().expect("direct"),
+    );
+    assert_clean(&p, "via proxy");
+    assert_clean(&d, "direct");
+    // The same processes, thawed.
+    assert_eq!(
+        s.container_pid(Host::Src).expect("ps"),
+        Some(pid),
+        "not the same container"
+    );
+    assert_eq!(s.service_copies(), vec![(Host::Src, pid, 'S')]);
+    s.verify_state().expect("state verifies");
+    // Nothing on the destination: no container, no storage of one, no block, no namespace.
+    assert!(
+        listed(&s, Host::Dst).is_empty(),
+        "{:?}",
+        listed(&s, Host::Dst)
+    );
+    let storage = s.topo.work_dir().join("podman-dst/root/overlay-containers");
+    let left: Vec<_> = std::fs::read_dir(&storage)
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "container storage left on the destination: {left:?}"
+    );
+    let tables = s
+        .topo
+        .run(Host::Dst, &["nft", "list", "tables"])
+        .expect("nft");
+    assert!(
+        !tables.contains("tether"),
+        "tables left on the destination: {tables}"
+    );
+    let netns = s.topo.run(Host::Dst, &["ls", "/run/netns"]).expect("ls");
+    assert!(
+        netns.trim().is_empty(),
+        "network namespaces left on the destination: {netns}"
+    );
+    // And it still moves once the destination can restore.
+    s.start_agent(Host::Dst).expect("agent");
+    s.migrate(Host::Dst).expect("the move after the failed one");
+    s.verify_state().expect("state verifies");
+}
+
+#[test]
+fn a_bind_mount_missing_on_the_destination_is_refused_before_the_freeze() {
+    // Both Podman hosts share this machine's file system: the source directory is removed
+    // after the container mounted it, so that it exists in the container and nowhere else.
+    let data = tempfile::tempdir().expect("dir");
+    let source = data.path().join("data");
+    std::fs::create_dir(&source).expect("mkdir");
+    let mut s = scenario(&ScenarioConfig {
+        container: true,
+        state_mb: 16,
+        container_args: vec!["--volume".into(), format!("{}:/data", source.display())],
+        ..Default::default()
+    });
+    std::fs::remove_dir(&source).expect("rmdir");
+    let pid = s.container_pid(Host::Src).expect("ps").expect("runs");
+    let run = s.migrate_with(Host::Dst, None, &[]).expect("run migrate");
+    assert!(!run.success, "moved without its bind mount");
+    let last = run
+        .stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("failed"))
+        .unwrap_or_default();
+    assert!(
+        last.contains(&source.display().to_string()) && last.contains("Nothing was changed"),
+        "the refusal names the mount and says nothing changed: {last}"
+    );
+    let report = run.report.expect("report");
+    assert_eq!(report.timings.downtime_ms, 0.0, "the service was frozen");
+    assert_eq!(s.container_pid(Host::Src).expect("ps"), Some(pid));
+    assert!(
+        listed(&s, Host::Dst).is_empty(),
+        "{:?}",
+        listed(&s, Host::Dst)
+    );
+    let tables = s
+        .topo
+        .run(Host::Dst, &["nft", "list", "tables"])
+        .expect("nft");
+    assert!(
+        !tables.contains("tether"),
+        "tables left on the destination: {tables}"
+    );
+    s.verify_state().expect("state verifies");
+}
