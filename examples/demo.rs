@@ -104,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         interpreted: false,
         container: false,
         container_args: Vec::new(),
+        workers: 0,
     };
     println!(
         "tether demo: service with {} MiB state rewriting {} pages/s, {} TCP + {} QUIC clients through tether-proxy and as many direct, src-dst link {}",

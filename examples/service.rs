@@ -41,8 +41,8 @@ use tracing::{debug, info, warn};
 struct Args {
     /// Address to listen on, for TCP and for UDP/QUIC alike (port 0 picks a free TCP port and
     /// uses the same number for UDP).
-    #[arg(long, value_name = "IP:PORT")]
-    listen: SocketAddr,
+    #[arg(long, value_name = "IP:PORT", required_unless_present = "worker")]
+    listen: Option<SocketAddr>,
 
     /// Size of the memory state in MiB (allocated and filled at start).
     #[arg(long, value_name = "N", default_value_t = 64)]
@@ -51,6 +51,113 @@ struct Args {
     /// Pages (4 KiB) of the state rewritten per second by the background dirtier; 0 disables it.
     #[arg(long, value_name = "R", default_value_t = 0)]
     dirty_pages_per_sec: u64,
+
+    /// Worker processes to start beside the server (children of it, as in a pre-forking
+    /// server): each holds a memory state of its own (--worker-state-mb, dirtied at the same
+    /// rate), and a state verification checks theirs too, over a pipe to each.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    workers: u32,
+
+    /// Memory state of each worker, MiB.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    worker_state_mb: usize,
+
+    /// Run as a worker (started by the service itself): verify the state on each `verify` line
+    /// on stdin, answer `ok <digest>` or `err <why>` on stdout, exit at end of input.
+    #[arg(long, hide = true)]
+    worker: bool,
+}
+
+/// A worker's pipes: requests to its stdin, answers from its stdout.
+struct WorkerPipe {
+    pid: u32,
+    to: std::process::ChildStdin,
+    from: std::io::BufReader<std::process::ChildStdout>,
+}
+
+/// The workers this service started (empty when it has none).
+static WORKERS: Mutex<Vec<WorkerPipe>> = Mutex::new(Vec::new());
+
+/// Starts `n` workers: this program again, with `--worker`.
+fn start_workers(args: &Args) -> Result<()> {
+    let exe = std::env::current_exe().context("this program's path")?;
+    let mut workers = WORKERS.lock().unwrap_or_else(PoisonError::into_inner);
+    for i in 0..args.workers {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--worker",
+                "--state-mb",
+                &args.worker_state_mb.to_string(),
+                "--dirty-pages-per-sec",
+                &args.dirty_pages_per_sec.to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting worker {i}"))?;
+        let (Some(to), Some(from)) = (child.stdin.take(), child.stdout.take()) else {
+            anyhow::bail!("worker {i} has no pipes");
+        };
+        info!(worker = i, pid = child.id(), "worker started");
+        workers.push(WorkerPipe {
+            pid: child.id(),
+            to,
+            from: std::io::BufReader::new(from),
+        });
+    }
+    Ok(())
+}
+
+/// Asks every worker to verify its state; the digests of all, combined, or the first failure.
+fn verify_workers() -> Result<u64, String> {
+    use std::io::BufRead as _;
+    let mut workers = WORKERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut digest = 0u64;
+    for (i, w) in workers.iter_mut().enumerate() {
+        let mut line = String::new();
+        writeln!(w.to, "verify")
+            .and_then(|()| w.to.flush())
+            .and_then(|()| w.from.read_line(&mut line))
+            .map_err(|e| format!("worker {i} (pid {}): {e}", w.pid))?;
+        match line.trim().split_once(' ') {
+            Some(("ok", d)) => {
+                let d = u64::from_str_radix(d.trim_start_matches("0x"), 16)
+                    .map_err(|e| format!("worker {i}: bad digest {d}: {e}"))?;
+                digest = digest.rotate_left(7) ^ d;
+            }
+            _ => return Err(format!("worker {i} (pid {}): {}", w.pid, line.trim())),
+        }
+    }
+    Ok(digest)
+}
+
+/// A worker's life: its state, its dirtier, and verifications on request.
+fn worker(args: &Args) -> Result<()> {
+    use std::io::BufRead as _;
+    let state: SharedState = Arc::new(Mutex::new(
+        State::new(args.state_mb).context("allocating the state")?,
+    ));
+    if args.dirty_pages_per_sec > 0 {
+        let st = Arc::clone(&state);
+        let rate = args.dirty_pages_per_sec;
+        std::thread::spawn(move || dirtier(&st, rate));
+    }
+    let mut out = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        if line.context("reading a request")?.trim() != "verify" {
+            continue;
+        }
+        let answer = match state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .verify()
+        {
+            Ok(d) => format!("ok {d:#018x}"),
+            Err(e) => format!("err {e}"),
+        };
+        writeln!(out, "{answer}").and_then(|()| out.flush())?;
+    }
+    Ok(())
 }
 
 /// How often the dirtier wakes up.
@@ -87,7 +194,12 @@ fn main() -> ExitCode {
         warn!(closed, "closed inherited file descriptors");
     }
 
-    match run(args) {
+    let result = if args.worker {
+        worker(&args)
+    } else {
+        run(args)
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -123,6 +235,7 @@ fn run(args: Args) -> Result<()> {
         "state allocated and filled"
     );
     let state: SharedState = Arc::new(Mutex::new(state));
+    start_workers(&args)?;
 
     if args.dirty_pages_per_sec > 0 {
         let st = Arc::clone(&state);
@@ -186,9 +299,10 @@ fn dirtier(state: &Mutex<State>, rate: u64) {
 }
 
 async fn serve(args: Args, state: SharedState) -> Result<()> {
-    let tcp = TcpListener::bind(args.listen)
+    let listen = args.listen.context("--listen is required")?;
+    let tcp = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding TCP {}", args.listen))?;
+        .with_context(|| format!("binding TCP {listen}"))?;
     let addr = tcp.local_addr().context("TCP local address")?;
     let endpoint = quic_endpoint(addr)?;
 
@@ -377,7 +491,12 @@ where
                     let st = Arc::clone(state);
                     let outcome = tokio::task::spawn_blocking(move || {
                         let started = Instant::now();
-                        let res = st.lock().unwrap_or_else(PoisonError::into_inner).verify();
+                        let res = st
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .verify()
+                            .map_err(|e| e.to_string())
+                            .and_then(|own| Ok(own ^ verify_workers()?));
                         (res, started.elapsed())
                     })
                     .await;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent machine setup for tether: makes sure a working CRIU (>= 4.2, `criu check` passes),
-# libnftables1 (loaded by tether at run time), nftables and iproute2 are present. Run as root.
+# libnftables1 (loaded by tether at run time), nftables, iproute2 and Podman (for containers)
+# are present. Run as root.
 # Safe to run again: a machine that already has everything costs one `criu check`.
 #
 # When no working CRIU is found, it is built from Debian's source package of the newest suite that
@@ -57,6 +58,12 @@ working_criu() {
 
 # Runtime tools tether and its tests need (python3: the interpreted example service).
 apt_install nftables libnftables1 iproute2 util-linux procps ca-certificates python3
+
+# Containers (`tether migrate --container`, tests/container.rs): rootful Podman with runc, which
+# restores with the CRIU found first in PATH (tether puts its own first). Podman 4.3's netavark
+# has no nftables driver and fails without the iptables binary (Debian's is nft-based); a
+# macvlan network gets no rules from it.
+apt_install podman runc conmon netavark aardvark-dns iptables golang-github-containers-common
 
 if c=$(working_criu) && [ -n "$c" ]; then
     log "CRIU ok: $c ($("$c" --version | head -1))"

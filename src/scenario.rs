@@ -95,6 +95,8 @@ pub struct ScenarioConfig {
     pub container: bool,
     /// More `podman run` options for the service's container (e.g. a `--volume`).
     pub container_args: Vec<String>,
+    /// Worker processes of the example service (`--workers`), each with 8 MiB of state.
+    pub workers: u32,
 }
 
 impl Default for ScenarioConfig {
@@ -110,6 +112,7 @@ impl Default for ScenarioConfig {
             interpreted: false,
             container: false,
             container_args: Vec::new(),
+            workers: 0,
         }
     }
 }
@@ -241,6 +244,9 @@ impl Scenario {
             "--dirty-pages-per-sec".to_string(),
             cfg.dirty_pages_per_sec.to_string(),
         ];
+        if cfg.workers > 0 {
+            args.extend(["--workers".to_string(), cfg.workers.to_string()]);
+        }
         let program = if cfg.interpreted {
             let found = std::process::Command::new("python3")
                 .arg("--version")

@@ -152,6 +152,7 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
         interpreted: cfg.interpreted,
         container: false,
         container_args: Vec::new(),
+        workers: 0,
     };
     let mut s = Scenario::start(bins, &sc).context("starting the test bed")?;
     writeln!(

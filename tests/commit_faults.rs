@@ -30,6 +30,7 @@ fn proxied(cfg: ScenarioConfig) -> Scenario {
         interpreted: false,
         container: false,
         container_args: Vec::new(),
+        workers: 0,
         ..cfg
     })
 }

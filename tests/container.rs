@@ -257,3 +257,61 @@ fn a_bind_mount_missing_on_the_destination_is_refused_before_the_freeze() {
     );
     s.verify_state().expect("state verifies");
 }
+
+#[test]
+fn a_container_with_worker_processes_moves_whole() {
+    let mut s = scenario(&ScenarioConfig {
+        container: true,
+        state_mb: 32,
+        dirty_pages_per_sec: 500,
+        workers: 2,
+        ..Default::default()
+    });
+    let tree = |s: &Scenario, host: Host| -> Vec<u32> {
+        let pid = s.container_pid(host).expect("ps").expect("runs");
+        let mut t = vec![pid];
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        t.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+        t
+    };
+    let ns_pids = |pids: &[u32]| -> Vec<String> {
+        // The pids inside the container (NSpid's last field) survive the move.
+        let mut v: Vec<String> = pids
+            .iter()
+            .map(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/status"))
+                    .ok()
+                    .and_then(|st| {
+                        st.lines()
+                            .find_map(|l| l.strip_prefix("NSpid:"))
+                            .and_then(|v| v.split_whitespace().last().map(str::to_string))
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = tree(&s, Host::Src);
+    assert_eq!(
+        before.len(),
+        3,
+        "the service and its two workers: {before:?}"
+    );
+    let inside = ns_pids(&before);
+    let digest = s.verify_state().expect("state verifies (workers included)");
+    for to in [Host::Dst, Host::Src] {
+        s.migrate(to).expect("move");
+        let after = tree(&s, to);
+        assert_eq!(after.len(), 3, "the tree on {to}: {after:?}");
+        assert_eq!(ns_pids(&after), inside, "the container's pids changed");
+        s.verify_state()
+            .expect("state verifies after the move (workers included)");
+    }
+    assert_ne!(digest, 0);
+}

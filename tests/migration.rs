@@ -126,6 +126,7 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
         interpreted: false,
         container: false,
         container_args: Vec::new(),
+        workers: 0,
     });
     let pid = s.pid();
     s.verify_state().expect("state verifies");

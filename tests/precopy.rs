@@ -39,6 +39,7 @@ fn precopy_of_128_mib_writing_2000_pages_per_second_over_1_gbit() {
         interpreted: false,
         container: false,
         container_args: Vec::new(),
+        workers: 0,
     });
     let clients = s
         .start_clients(8, 2, Duration::from_secs(8), None)
@@ -91,6 +92,7 @@ fn a_dirtier_faster_than_the_link_hits_max_rounds_and_auto_converge_converges_ea
         interpreted: false,
         container: false,
         container_args: Vec::new(),
+        workers: 0,
     });
     let clients = s
         .start_clients(2, 1, Duration::from_secs(30), None)
@@ -206,6 +208,7 @@ fn cancelling_during_precopy_leaves_the_service_untouched() {
         interpreted: false,
         container: false,
         container_args: Vec::new(),
+        workers: 0,
     });
     let pid = s.pid();
     let clients = s

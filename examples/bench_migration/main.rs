@@ -478,6 +478,7 @@ fn measure_baseline(bins: &Binaries, args: &Args) -> anyhow::Result<Baseline> {
             interpreted: false,
             container: false,
             container_args: Vec::new(),
+            workers: 0,
         },
     )
     .context("starting the baseline scenario")?;
@@ -596,6 +597,7 @@ fn fill_cell(
             interpreted: false,
             container: false,
             container_args: Vec::new(),
+            workers: 0,
         },
     )
     .context("starting the scenario")?;

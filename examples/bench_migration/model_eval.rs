@@ -79,6 +79,7 @@ pub fn calibrate_links(
                     interpreted: false,
                     container: false,
                     container_args: Vec::new(),
+                    workers: 0,
                 },
             )
             .context("starting a calibration scenario")?;
