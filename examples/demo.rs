@@ -45,6 +45,10 @@ struct Args {
     /// Do not run `tether plan` before each move.
     #[arg(long)]
     no_plan: bool,
+    /// Run the service as a Podman container (on two Podman hosts) and move it with
+    /// `tether migrate --container`.
+    #[arg(long)]
+    container: bool,
 }
 
 /// Runs `tether plan` on the service and returns its predicted downtime (ms) for the method the
@@ -102,12 +106,13 @@ fn main() -> anyhow::Result<()> {
         proxy_max_hold_ms: None,
         hot_first_mib: None,
         interpreted: false,
-        container: false,
+        container: args.container,
         container_args: Vec::new(),
         workers: 0,
     };
     println!(
-        "tether demo: service with {} MiB state rewriting {} pages/s, {} TCP + {} QUIC clients through tether-proxy and as many direct, src-dst link {}",
+        "tether demo: {} with {} MiB state rewriting {} pages/s, {} TCP + {} QUIC clients through tether-proxy and as many direct, src-dst link {}",
+        if args.container { "a Podman container (the service)" } else { "service" },
         cfg.state_mb,
         cfg.dirty_pages_per_sec,
         args.tcp,
@@ -245,6 +250,12 @@ fn main() -> anyhow::Result<()> {
          the resume (the downtime its clients saw); stall: longest wait for a reply \
          on any client connection (includes the 1 ms pause between requests)."
     );
+    if args.container {
+        for host in [Host::Src, Host::Dst] {
+            let listed = s.containers(host)?;
+            println!("podman ps --all on {host}: {listed:?}");
+        }
+    }
     drop(s);
     if failures > 0 {
         bail!("{failures} problem(s) seen");
