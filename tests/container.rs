@@ -222,7 +222,13 @@ fn a_bind_mount_missing_on_the_destination_is_refused_before_the_freeze() {
     let mut s = scenario(&ScenarioConfig {
         container: true,
         state_mb: 16,
-        container_args: vec!["--volume".into(), format!("{}:/data", source.display())],
+        container_args: vec![
+            "--volume".into(),
+            format!("{}:/data", source.display()),
+            // A named volume Podman makes on the source only.
+            "--volume".into(),
+            "tether-test-cache:/cache".into(),
+        ],
         ..Default::default()
     });
     std::fs::remove_dir(&source).expect("rmdir");

@@ -181,7 +181,7 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--pid or --container, --to, --certs and --service-addr are required");
     };
     let pid = match (&a.container, a.pid) {
-        (Some(name), _) => container_pid(name).await?,
+        (Some(name), _) => super::container_pid(name)?,
         (None, Some(pid)) => pid,
         (None, None) => anyhow::bail!("--pid or --container is required"),
     };
@@ -278,15 +278,6 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             report_failure(&id, &e, &write)
         }
     }
-}
-
-/// The init process of container `name` (for the prediction; the migration looks it up again).
-async fn container_pid(name: &str) -> anyhow::Result<i32> {
-    let criu = tether_migrator::criu::Criu::locate().await?;
-    let podman = tether_migrator::container::podman::Podman::locate(criu.path())?;
-    let c = podman.inspect(name).await?;
-    anyhow::ensure!(c.running && c.pid > 1, "container {name:?} does not run");
-    Ok(c.pid)
 }
 
 /// The model's prediction for this migration, measured live (`None`, with a note, when it

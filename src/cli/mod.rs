@@ -47,3 +47,27 @@ pub async fn shutdown_signal() {
         _ => std::future::pending::<()>().await,
     }
 }
+
+/// The host pid of the init process of the running Podman container `name` (`podman inspect`).
+pub fn container_pid(name: &str) -> anyhow::Result<i32> {
+    let out = std::process::Command::new("podman")
+        .args([
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Pid}}",
+            "--",
+            name,
+        ])
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run podman: {e} (scripts/setup.sh installs it)"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "podman inspect {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    anyhow::ensure!(pid > 1, "container {name:?} does not run");
+    Ok(pid)
+}

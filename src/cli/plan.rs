@@ -32,8 +32,16 @@ use super::units::{parse_duration, parse_rate};
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
     /// Root of the process tree (host pid).
-    #[arg(long)]
-    pid: i32,
+    #[arg(
+        long,
+        required_unless_present = "container",
+        conflicts_with = "container"
+    )]
+    pid: Option<i32>,
+    /// A Podman container instead of --pid (name or id): its process tree. Its restore goes
+    /// through Podman, which the model does not know: expect a longer downtime than predicted.
+    #[arg(long, value_name = "NAME|ID")]
+    container: Option<String>,
     /// The link's bandwidth to the destination, bits/s (e.g. 100M, 1G). Default: the link the
     /// profile was calibrated on.
     #[arg(long, value_parser = parse_rate, value_name = "RATE")]
@@ -112,8 +120,13 @@ pub fn load_profile(path: Option<&Path>) -> anyhow::Result<Profile> {
 /// Runs `tether plan`.
 pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     let profile = load_profile(a.profile.as_deref())?;
+    let pid = match (&a.container, a.pid) {
+        (Some(name), _) => super::container_pid(name)?,
+        (None, Some(pid)) => pid,
+        (None, None) => anyhow::bail!("--pid or --container is required"),
+    };
     let plan = live_plan(&LiveInputs {
-        pid: a.pid,
+        pid,
         window: a.window,
         bandwidth_bits: a.bandwidth,
         profile: &profile,
@@ -122,7 +135,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        print!("{}", render(a.pid, &plan));
+        print!("{}", render(pid, &plan));
     }
     Ok(if plan.limit_holds {
         ExitCode::SUCCESS

@@ -43,6 +43,9 @@ pub enum ContainerError {
     /// A bind mount's source is missing here.
     #[error("bind mount source {0} does not exist on this host: create it (with the data the container needs) before moving the container here")]
     MissingMount(String),
+    /// A named volume is missing here.
+    #[error("volume {0:?} does not exist on this host: create it (with the data the container needs, e.g. `podman volume export` / `import`) before moving the container here")]
+    MissingVolume(String),
     /// A container of that name exists here already.
     #[error("a container named {0:?} exists on this host already")]
     NameTaken(String),

@@ -83,6 +83,8 @@ pub struct Inspected {
     pub oci_config: PathBuf,
     /// Its bind mounts: (host source, path in the container).
     pub binds: Vec<(String, String)>,
+    /// The named volumes it mounts.
+    pub volumes: Vec<String>,
     /// Its MAC address on its first network, if it has one.
     pub mac: Option<String>,
     /// Its IPv4 addresses, on every network.
@@ -145,6 +147,8 @@ struct RawLogConfig {
 struct RawMount {
     #[serde(rename = "Type", default)]
     kind: String,
+    #[serde(default)]
+    name: String,
     #[serde(default)]
     source: String,
     #[serde(default)]
@@ -243,14 +247,23 @@ impl Podman {
     }
 
     /// Creates `spec`'s container here, left exited with its runtime bundle written, ready for
-    /// [`restore`](Self::restore). Refuses (changing nothing) when a bind-mount source is
-    /// missing, the name is taken or the image is absent. Returns its id.
+    /// [`restore`](Self::restore). Refuses (changing nothing) when a bind-mount source or a
+    /// named volume is missing, the name is taken or the image is absent. Returns its id.
     ///
     /// `init` runs the runtime's set-up (its network among it: the caller blocks the address on
     /// the LAN first) but not the container's command, and `stop` ends that set-up again.
     pub async fn stage(&self, spec: &ContainerSpec) -> Result<String, ContainerError> {
         if let Some(p) = spec.bind_sources.iter().find(|p| !Path::new(p).exists()) {
             return Err(ContainerError::MissingMount(p.clone()));
+        }
+        for v in &spec.volumes {
+            if self
+                .run("looking for a volume", &["volume", "exists", v])
+                .await
+                .is_err()
+            {
+                return Err(ContainerError::MissingVolume(v.clone()));
+            }
         }
         if self.exists(&spec.name).await? {
             return Err(ContainerError::NameTaken(spec.name.clone()));
@@ -375,6 +388,12 @@ fn parse_inspect(out: &str, name: &str) -> Result<Inspected, ContainerError> {
             .filter(|p| !p.is_empty())
             .map(PathBuf::from),
         oci_config: r.oci_config_path.map(PathBuf::from).unwrap_or_default(),
+        volumes: r
+            .mounts
+            .iter()
+            .filter(|m| m.kind == "volume" && !m.name.is_empty())
+            .map(|m| m.name.clone())
+            .collect(),
         binds: r
             .mounts
             .into_iter()
@@ -545,11 +564,12 @@ mod tests {
         let out = r#"[{"Id":"abc","Name":"svc","State":{"Pid":42,"Running":true,"Paused":false},
             "Config":{"Tty":false,"CreateCommand":["podman","run","img"]},
             "HostConfig":{"LogConfig":{"Path":"/x/ctr.log"}},"OCIConfigPath":"/b/config.json",
-            "Mounts":[{"Type":"bind","Source":"/srv","Destination":"/data"},{"Type":"volume","Source":"v","Destination":"/v"}],
+            "Mounts":[{"Type":"bind","Source":"/srv","Destination":"/data"},{"Type":"volume","Name":"cache","Source":"/var/lib/v","Destination":"/v"}],
             "NetworkSettings":{"Networks":{"lan":{"IPAddress":"10.77.0.5","MacAddress":"02:00:00:00:00:05"}}}}]"#;
         let i = parse_inspect(out, "svc").expect("parse");
         assert_eq!((i.pid, i.running, i.tty), (42, true, false));
         assert_eq!(i.binds, vec![("/srv".to_string(), "/data".to_string())]);
+        assert_eq!(i.volumes, vec!["cache".to_string()]);
         assert_eq!(i.mac.as_deref(), Some("02:00:00:00:00:05"));
         assert_eq!(i.addresses, vec!["10.77.0.5".to_string()]);
         assert_eq!(i.log_path, Some(PathBuf::from("/x/ctr.log")));

@@ -24,7 +24,9 @@ use crate::protocol::{ContainerSpec, ErrorCode, ServiceAddr};
 impl From<ContainerError> for PortError {
     fn from(e: ContainerError) -> PortError {
         let code = match &e {
-            ContainerError::MissingMount(_) | ContainerError::NameTaken(_) => ErrorCode::Refused,
+            ContainerError::MissingMount(_)
+            | ContainerError::MissingVolume(_)
+            | ContainerError::NameTaken(_) => ErrorCode::Refused,
             _ => ErrorCode::Checkpoint,
         };
         PortError::caused(code, "the container", e)
@@ -61,6 +63,7 @@ impl ContainerSource {
             name: c.name.clone(),
             create_args,
             bind_sources: c.binds.iter().map(|(s, _)| s.clone()).collect(),
+            volumes: c.volumes.clone(),
             mac: c.mac.clone().filter(|_| static_mac),
         };
         spec.validate()

@@ -3,8 +3,8 @@
 //!
 //! | port | what it does | real adapter today | fake |
 //! | --- | --- | --- | --- |
-//! | [`Checkpointer`] | dump a unit with a hold point, end or thaw it; restore it stopped, resume or kill it | `criu::tree::CriuTree` (a process tree, CRIU RPC) | [`fake::FakeCheckpointer`] |
-//! | [`AddressMover`] | the service address on a host: check, claim (block, add), go live (unblock, announce), give up | `hostnet::HostAddressMover` (netlink, nftables, raw ARP) | [`fake::FakeNet`] |
+//! | [`Checkpointer`] | dump a unit with a hold point, end or thaw it; restore it stopped, resume or kill it | `criu::tree::CriuTree` (a process tree, CRIU RPC); on the source also `container::unit::ContainerSource` (a Podman container; its destination side is Podman's restore, in the agent's driver) | [`fake::FakeCheckpointer`] |
+//! | [`AddressMover`] | the service address on a host: check, claim (block, add), go live (unblock, announce), give up | `hostnet::HostAddressMover` (netlink, nftables, raw ARP); `container::unit::ContainerNet` (in a container's namespace) | [`fake::FakeNet`] |
 //! | [`TrafficGate`] | the proxy in front of the service: pause, redirect, resume, undo | `gate::ProxyGate` (tether-proxy's control socket) | [`fake::FakeGate`] |
 //! | [`Journal`] | durable records of migrations in flight, and outcomes | `journal::FileJournal` (one JSON file per migration) | [`fake::MemoryJournal`] |
 //!
@@ -75,7 +75,8 @@ pub trait LazyServer: Send + 'static {
     fn wait(&mut self) -> impl Future<Output = Result<std::time::Duration, PortError>> + Send;
 }
 
-/// Checkpoint and restore of the unit a migration moves (a process tree today).
+/// Checkpoint and restore of the unit a migration moves (a process tree, or on the source a
+/// Podman container).
 pub trait Checkpointer: Send + Sync + 'static {
     /// A dump in progress.
     type Dump: Dump;

@@ -262,6 +262,7 @@ mod tests {
                     name: "svc".into(),
                     create_args: vec!["--name".into(), "svc".into(), "localhost/svc:1".into()],
                     bind_sources: vec!["/srv/data".into()],
+                    volumes: vec!["cache".into()],
                     mac: Some("02:77:00:00:00:64".into()),
                 }),
             },

@@ -198,6 +198,10 @@ pub struct ContainerSpec {
     pub create_args: Vec<String>,
     /// The host paths it bind-mounts: each must exist on the destination.
     pub bind_sources: Vec<String>,
+    /// The named volumes it mounts: each must exist on the destination (Podman would create a
+    /// missing one empty).
+    #[serde(default)]
+    pub volumes: Vec<String>,
     /// Its static MAC address (`--mac-address`), if it has one: it moves with it.
     pub mac: Option<String>,
 }
@@ -242,6 +246,18 @@ impl ContainerSpec {
             .find(|p| too_long(p) || !p.starts_with('/'))
         {
             return Err(format!("bind mount source {p:.64} is not an absolute path"));
+        }
+        if self.volumes.len() > MAX_CREATE_ARGS {
+            return Err(format!("more than {MAX_CREATE_ARGS} volumes"));
+        }
+        if let Some(v) = self.volumes.iter().find(|v| {
+            v.is_empty()
+                || v.len() > 255
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        }) {
+            return Err(format!("{v:.64} is not a volume name"));
         }
         if let Some(mac) = &self.mac {
             let octets: Vec<&str> = mac.split(':').collect();
