@@ -61,6 +61,20 @@ pub struct Podman {
     path_env: Option<std::ffi::OsString>,
 }
 
+/// A container created here for a restore ([`Podman::stage`]): what the restore needs of it,
+/// read once beforehand (each `podman inspect` costs some 45 ms, in the downtime if done then).
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// Its id.
+    pub id: String,
+    /// Its runtime bundle (where `checkpoint` goes).
+    pub bundle: PathBuf,
+    /// Its log file, if it has one.
+    pub log_path: Option<PathBuf>,
+    /// Where conmon writes its init's pid.
+    pub pid_file: PathBuf,
+}
+
 /// What tether reads of a container (`podman inspect`).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -81,6 +95,8 @@ pub struct Inspected {
     pub log_path: Option<PathBuf>,
     /// The runtime bundle's `config.json` (the OCI spec it runs with).
     pub oci_config: PathBuf,
+    /// Where conmon writes its init's pid.
+    pub pid_file: Option<PathBuf>,
     /// Its bind mounts: (host source, path in the container).
     pub binds: Vec<(String, String)>,
     /// The named volumes it mounts.
@@ -102,6 +118,8 @@ struct RawInspect {
     host_config: Option<RawHostConfig>,
     #[serde(rename = "OCIConfigPath", default)]
     oci_config_path: Option<String>,
+    #[serde(default)]
+    pid_file: Option<String>,
     #[serde(default)]
     mounts: Vec<RawMount>,
     #[serde(default)]
@@ -252,7 +270,7 @@ impl Podman {
     ///
     /// `init` runs the runtime's set-up (its network among it: the caller blocks the address on
     /// the LAN first) but not the container's command, and `stop` ends that set-up again.
-    pub async fn stage(&self, spec: &ContainerSpec) -> Result<String, ContainerError> {
+    pub async fn stage(&self, spec: &ContainerSpec) -> Result<Staged, ContainerError> {
         if let Some(p) = spec.bind_sources.iter().find(|p| !Path::new(p).exists()) {
             return Err(ContainerError::MissingMount(p.clone()));
         }
@@ -289,36 +307,45 @@ impl Podman {
                 &["stop", "--time", "0", &id],
             )
             .await?;
-            Ok::<_, ContainerError>(())
+            let c = self.inspect(&id).await?;
+            let bad = |what: &str| ContainerError::Podman {
+                what: "reading the staged container".into(),
+                detail: format!("Podman names no {what}"),
+            };
+            Ok::<_, ContainerError>(Staged {
+                bundle: c
+                    .oci_config
+                    .parent()
+                    .ok_or_else(|| bad("bundle"))?
+                    .to_path_buf(),
+                pid_file: c.pid_file.ok_or_else(|| bad("pid file"))?,
+                log_path: c.log_path,
+                id: id.clone(),
+            })
         }
         .await;
-        if let Err(e) = ready {
-            let _ = self.remove(&id).await;
-            return Err(e);
+        match ready {
+            Ok(staged) => {
+                info!(container = %spec.name, %id, "staged for the restore");
+                Ok(staged)
+            }
+            Err(e) => {
+                let _ = self.remove(&id).await;
+                Err(e)
+            }
         }
-        info!(container = %spec.name, %id, "staged for the restore");
-        Ok(id)
     }
 
-    /// Restores the staged container `id` from `images` (the directory is linked in as its
-    /// bundle's `checkpoint`; Podman removes the link, not the images, once restored), with the
-    /// source's log (if `images` has one) in place first. Returns its init pid and how long
-    /// Podman took.
+    /// Restores the staged container from `images` (the directory is linked in as its bundle's
+    /// `checkpoint`; Podman removes the link, not the images, once restored), with the source's
+    /// log (if `images` has one) in place first. Returns its init pid (from conmon's pid file)
+    /// and how long Podman took.
     pub async fn restore(
         &self,
-        id: &str,
+        staged: &Staged,
         images: &Path,
     ) -> Result<(i32, Duration), ContainerError> {
-        let staged = self.inspect(id).await?;
-        let bundle = staged
-            .oci_config
-            .parent()
-            .ok_or_else(|| ContainerError::Podman {
-                what: "finding the staged container's bundle".into(),
-                detail: staged.oci_config.display().to_string(),
-            })?
-            .to_path_buf();
-        let link = bundle.join("checkpoint");
+        let link = staged.bundle.join("checkpoint");
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(images, &link).map_err(|e| ContainerError::Io {
             what: format!("linking the images as {}", link.display()),
@@ -331,24 +358,29 @@ impl Podman {
                 source: e,
             })?;
         }
+        let _ = std::fs::remove_file(&staged.pid_file);
         let started = Instant::now();
         let restored = self
             .run(
                 "restoring the container",
-                &["container", "restore", "--tcp-established", id],
+                &["container", "restore", "--tcp-established", &staged.id],
             )
             .await;
         let elapsed = started.elapsed();
         let _ = std::fs::remove_file(&link);
         restored?;
-        let now = self.inspect(id).await?;
-        if now.pid <= 0 {
-            return Err(ContainerError::Podman {
+        let pid = std::fs::read_to_string(&staged.pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| ContainerError::Podman {
                 what: "restoring the container".into(),
-                detail: "Podman restored it, yet it does not run".into(),
-            });
-        }
-        Ok((now.pid, elapsed))
+                detail: format!(
+                    "Podman restored it, yet its pid file {} names no process",
+                    staged.pid_file.display()
+                ),
+            })?;
+        Ok((pid, elapsed))
     }
 
     /// Removes container `id` (killing it if it runs); absent is fine.
@@ -388,6 +420,7 @@ fn parse_inspect(out: &str, name: &str) -> Result<Inspected, ContainerError> {
             .filter(|p| !p.is_empty())
             .map(PathBuf::from),
         oci_config: r.oci_config_path.map(PathBuf::from).unwrap_or_default(),
+        pid_file: r.pid_file.filter(|p| !p.is_empty()).map(PathBuf::from),
         volumes: r
             .mounts
             .iter()

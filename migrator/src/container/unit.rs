@@ -205,7 +205,23 @@ impl Checkpointer for ContainerSource {
     async fn restore_here(&self, images: &Path) -> Result<i32, PortError> {
         // CRIU ended the tree at the commit; the container is still Podman's (exited), and
         // Podman restores it from these images as after a checkpoint of its own.
-        let (pid, _) = self.podman.restore(&self.container.id, images).await?;
+        let c = &self.container;
+        let staged = podman::Staged {
+            id: c.id.clone(),
+            bundle: c
+                .oci_config
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            log_path: None,
+            pid_file: c.pid_file.clone().ok_or_else(|| {
+                PortError::new(
+                    ErrorCode::Checkpoint,
+                    "Podman names no pid file for the container",
+                )
+            })?,
+        };
+        let (pid, _) = self.podman.restore(&staged, images).await?;
         info!(pid, "restored the container here from the image set");
         Ok(pid)
     }

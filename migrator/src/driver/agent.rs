@@ -23,7 +23,7 @@ use super::lock;
 use super::receive::Receiver;
 use crate::authz::{Authorization, MemoryBudget};
 use crate::container::neighbours::{self, Neighbours};
-use crate::container::podman::Podman;
+use crate::container::podman::{Podman, Staged};
 use crate::criu::tree::{process_start_time, CriuTree};
 use crate::criu::{Criu, CriuError};
 use crate::hostnet::HostAddressMover;
@@ -686,6 +686,8 @@ struct Task<C: Checkpointer, N, J> {
     replies: HashMap<u64, oneshot::Sender<Resolution>>,
     next_request: u64,
     failed: bool,
+    /// The container staged here for the restore.
+    staged: Option<Staged>,
     /// A container restored here and held until it goes live.
     live_container: Arc<Mutex<Option<LiveContainer>>>,
 }
@@ -729,6 +731,7 @@ where
             next_request: 0,
             failed: false,
             live_container: Arc::new(Mutex::new(None)),
+            staged: None,
         };
         if let Some((conn, send, recv)) = conn {
             task.attach(conn, send, recv);
@@ -863,8 +866,9 @@ where
             Err(e) => Err(e),
         };
         match staged {
-            Ok(id) => {
-                self.record.container_id = Some(id);
+            Ok(staged) => {
+                self.record.container_id = Some(staged.id.clone());
+                self.staged = Some(staged);
                 self.save()?;
                 Ok(dev)
             }
@@ -1035,8 +1039,8 @@ where
                 machine.handle(now(), AgentEvent::Rebuilt(r));
             }
             AgentAction::Restore if self.record.container.is_some() => {
-                let (Some(podman), Some(id)) =
-                    (self.shared.podman.clone(), self.record.container_id.clone())
+                let (Some(podman), Some(staged)) =
+                    (self.shared.podman.clone(), self.staged.clone())
                 else {
                     let e = PortError::new(ErrorCode::Internal, "no staged container");
                     machine.handle(now(), AgentEvent::Restored(Err(e)));
@@ -1047,7 +1051,7 @@ where
                 let metrics = self.shared.metrics.clone();
                 let live = self.live_container.clone();
                 tokio::spawn(async move {
-                    let r = restore_container(&podman, &id, &images, &emit, &live).await;
+                    let r = restore_container(&podman, &staged, &images, &emit, &live).await;
                     if let Ok(info) = &r {
                         metrics
                             .restore_duration
@@ -1241,7 +1245,7 @@ pub const BREAK_RESTORE_VAR: &str = "TETHER_TEST_BREAK_CONTAINER_RESTORE";
 /// it goes live, as a restored tree is held stopped: Podman's restore lets it run at once.
 async fn restore_container(
     podman: &Podman,
-    id: &str,
+    staged: &Staged,
     images: &Path,
     emit: &(impl Fn(AgentEvent) + Send),
     live: &Mutex<Option<LiveContainer>>,
@@ -1250,7 +1254,7 @@ async fn restore_container(
         // Test hook: runc's restore cannot do without the runtime's record of the descriptors.
         let _ = std::fs::remove_file(images.join(crate::container::podman::DESCRIPTORS_FILE));
     }
-    let (pid, elapsed) = podman.restore(id, images).await?;
+    let (pid, elapsed) = podman.restore(staged, images).await?;
     emit(AgentEvent::RestoreStarted { pid });
     set_container_frozen(pid, true)?;
     *lock(live) = Some(LiveContainer {
