@@ -46,6 +46,8 @@ struct Args {
 struct Row {
     state_mib: u32,
     tether_downtime_ms: f64,
+    tether_dump_ms: f64,
+    tether_transfer_ms: f64,
     tether_restore_ms: f64,
     tether_stall_proxied_ms: f64,
     tether_stall_direct_ms: f64,
@@ -180,6 +182,8 @@ fn measure(bins: &Binaries, args: &Args, mib: u32) -> anyhow::Result<Row> {
     Ok(Row {
         state_mib: mib,
         tether_downtime_ms: report.timings.downtime_ms,
+        tether_dump_ms: report.timings.dump_ms,
+        tether_transfer_ms: report.timings.transfer_ms,
         tether_restore_ms: report.timings.restore_ms,
         tether_stall_proxied_ms,
         tether_stall_direct_ms,
@@ -210,9 +214,11 @@ fn main() -> anyhow::Result<()> {
         args.rate as f64 / 1e6
     );
     println!(
-        "{:>6} | {:>10} {:>9} {:>12} {:>11} | {:>10} {:>9} {:>9} {:>10} {:>10} | {:>13}",
+        "{:>6} | {:>10} {:>7} {:>9} {:>8} {:>12} {:>11} | {:>10} {:>9} {:>9} {:>10} {:>10} | {:>13}",
         "MiB",
         "tether ms",
+        "dump",
+        "transfer",
         "restore",
         "stall proxy",
         "stall dir.",
@@ -225,9 +231,11 @@ fn main() -> anyhow::Result<()> {
     );
     for r in &rows {
         println!(
-            "{:>6} | {:>10.1} {:>9.1} {:>12.1} {:>11.1} | {:>10.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} | {:>12.3}x",
+            "{:>6} | {:>10.1} {:>7.1} {:>9.1} {:>8.1} {:>12.1} {:>11.1} | {:>10.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} | {:>12.3}x",
             r.state_mib,
             r.tether_downtime_ms,
+            r.tether_dump_ms,
+            r.tether_transfer_ms,
             r.tether_restore_ms,
             r.tether_stall_proxied_ms,
             r.tether_stall_direct_ms,

@@ -9,7 +9,8 @@
 //!   to the destination's source by the same key;
 //! - the network namespace, external (`net[<inode>]:extRootNetNS`): Podman makes a new one on
 //!   the destination, with the same address, and runc hands it to CRIU under that key;
-//! - its cgroups dumped, and frozen through its freezer cgroup.
+//! - its cgroups dumped (the restore puts it back in the cgroups runc makes for it); frozen by
+//!   seizing its processes, not through its freezer cgroup (see [`of`]).
 
 use std::path::{Path, PathBuf};
 
@@ -55,8 +56,6 @@ pub fn of(c: &Inspected) -> Result<DumpScope, ContainerError> {
     })?;
     let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", c.pid))
         .map_err(ContainerError::io("reading the container's mounts"))?;
-    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", c.pid))
-        .map_err(ContainerError::io("reading the container's cgroups"))?;
     let netns = std::fs::metadata(format!("/proc/{}/ns/net", c.pid)).map_err(
         ContainerError::io("reading the container's network namespace"),
     )?;
@@ -84,7 +83,11 @@ pub fn of(c: &Inspected) -> Result<DumpScope, ContainerError> {
         root: Some(spec.root.path),
         external_mounts,
         external: vec![format!("net[{}]:extRootNetNS", netns.ino())],
-        freeze_cgroup: freezer(&cgroups).map(|p| p.display().to_string()),
+        // Not through its freezer cgroup, as runc has CRIU do: CRIU then polls the freezer in
+        // 100 ms steps, and froze a container in 100 ms where seizing its processes one by one
+        // (what it does for any process tree) takes a millisecond (64 MiB container: dump 276
+        // ms with the freezer, 144 ms without).
+        freeze_cgroup: None,
         manage_cgroups: true,
     })
 }
