@@ -321,3 +321,197 @@ fn a_container_with_worker_processes_moves_whole() {
     }
     assert_ne!(digest, 0);
 }
+
+const HOLD: &str = "TETHER_TEST_HOLD";
+
+/// `nft list tables` on `host` (every family: the destination's block is `netdev`).
+fn tables(s: &Scenario, host: Host) -> String {
+    s.topo.run(host, &["nft", "list", "tables"]).expect("nft")
+}
+
+/// `tether migrate` to `to` through the proxy, in the background, with `env`; its stderr to a
+/// file.
+fn spawn_migrate(
+    s: &Scenario,
+    to: Host,
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::path::PathBuf) {
+    let log = s
+        .topo
+        .work_dir()
+        .join(format!("migrate-{}.log", std::process::id()));
+    let mut cmd = s.migrate_command(to, &s.certs(s.location()));
+    cmd.args(s.proxy_args())
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    (cmd.spawn().expect("spawn tether migrate"), log)
+}
+
+fn wait_exit(mut child: std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tether migrate did not exit within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The one running (not held) copy of the service, once there is exactly one.
+fn one_running_copy(s: &Scenario) -> (Host, u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let running: Vec<_> = s
+            .service_copies()
+            .into_iter()
+            .filter(|c| c.2 != 'T')
+            .collect();
+        if running.len() == 1 && s.service_copies().len() == 1 {
+            return (running[0].0, running[0].1);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected one copy, found {:?}",
+            s.service_copies()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn held_container_scenario() -> Scenario {
+    scenario(&ScenarioConfig {
+        container: true,
+        proxy: true,
+        // A fault after the commit point keeps clients held until it is resolved.
+        proxy_max_hold_ms: Some(60_000),
+        state_mb: 32,
+        dirty_pages_per_sec: 500,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn a_container_whose_agent_dies_after_the_restore_commits_once_it_is_back() {
+    let mut s = held_container_scenario();
+    // The destination agent pauses once it has reported the restore: it never sees the commit.
+    s.start_agent_env(Host::Dst, &[(HOLD, "prepared+:30000")])
+        .expect("agent with a hold");
+    let c = s
+        .start_clients_to(
+            s.proxy_addr(),
+            8,
+            2,
+            Duration::from_secs(16),
+            None,
+            &["--interval-ms", "2"],
+        )
+        .expect("clients");
+    std::thread::sleep(Duration::from_millis(1500));
+    let dst_log = s.agent_log(Host::Dst);
+    let (child, log) = spawn_migrate(&s, Host::Dst, &[]);
+    let said = common::wait_for_log(&dst_log, "test hold: pausing", Duration::from_secs(60));
+    assert!(
+        said.contains("test hold: pausing"),
+        "the agent never paused:\n{said}"
+    );
+    s.kill_agent(Host::Dst).expect("kill the agent");
+    std::thread::sleep(Duration::from_millis(500));
+    // The restarted agent finds the restored, frozen container in its journal, and goes live
+    // with it once the source resolves the migration.
+    s.start_agent(Host::Dst).expect("agent restarts");
+    let status = wait_exit(child);
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "tether migrate: {said}");
+    assert!(said.contains("in doubt"), "it says what happened: {said}");
+    let (host, pid) = one_running_copy(&s);
+    assert_eq!(host, Host::Dst);
+    s.adopt(Host::Dst, pid);
+    assert_eq!(
+        listed(&s, Host::Dst),
+        vec![(CONTAINER_NAME.to_string(), "running".to_string())]
+    );
+    assert!(
+        listed(&s, Host::Src).is_empty(),
+        "{:?}",
+        listed(&s, Host::Src)
+    );
+    for h in [Host::Src, Host::Dst] {
+        assert!(
+            !tables(&s, h).contains("tether"),
+            "tables left on {h}: {}",
+            tables(&s, h)
+        );
+    }
+    assert_clean(
+        &c.finish().expect("clients"),
+        "agent killed after the restore",
+    );
+    s.verify_state().expect("state verifies on dst");
+}
+
+#[test]
+fn a_container_move_whose_migrate_dies_before_the_commit_point_rolls_back() {
+    let mut s = held_container_scenario();
+    let pid = s.container_pid(Host::Src).expect("ps").expect("runs");
+    let c = s
+        .start_clients_to(
+            s.proxy_addr(),
+            8,
+            2,
+            Duration::from_secs(14),
+            None,
+            &["--interval-ms", "2"],
+        )
+        .expect("clients");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Held once the destination has reported its (frozen) copy, before the commit point.
+    let (mut child, log) = spawn_migrate(&s, Host::Dst, &[(HOLD, "ending:20000")]);
+    let said = common::wait_for_log(&log, "test hold: pausing", Duration::from_secs(60));
+    assert!(
+        said.contains("test hold: pausing"),
+        "migrate never paused:\n{said}"
+    );
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    // CRIU read the EOF and thawed the source's container; `--recover` resolves the rest.
+    let out = s.recover_command(Host::Src).output().expect("--recover");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "--recover: {said}");
+    assert!(said.contains("still running on the source"), "{said}");
+    assert_eq!(
+        one_running_copy(&s),
+        (Host::Src, pid),
+        "the same processes run on"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !listed(&s, Host::Dst).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        listed(&s, Host::Dst).is_empty(),
+        "{:?}",
+        listed(&s, Host::Dst)
+    );
+    assert!(
+        !tables(&s, Host::Dst).contains("tether"),
+        "{}",
+        tables(&s, Host::Dst)
+    );
+    assert!(
+        !tables(&s, Host::Src).contains("tether"),
+        "{}",
+        tables(&s, Host::Src)
+    );
+    assert_clean(
+        &c.finish().expect("clients"),
+        "migrate killed before the commit point",
+    );
+    s.verify_state().expect("state intact");
+    s.migrate(Host::Dst).expect("a move after the recovery");
+    s.verify_state().expect("state verifies on dst");
+}

@@ -136,6 +136,9 @@ pub struct Report {
     pub sockets: u64,
     /// The destination pid of the service, when committed.
     pub destination_pid: Option<i32>,
+    /// The Podman container moved (its name), if the migration moved one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     /// The agent's address.
     pub destination: String,
     /// The service address.
@@ -228,6 +231,7 @@ impl Report {
             source_pid,
             sockets: 0,
             destination_pid: None,
+            container: None,
             destination,
             service_addr,
             timings: Timings::default(),

@@ -224,8 +224,11 @@ pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map_or(0, |f| f.pages_sent);
             eprintln!(
-                "tether: migrated pid {} to {}: downtime {:.1} ms (commit {:.1} ms), total {:.1} ms, {} pre-copy round(s), final difference {} pages, {} bytes sent while frozen",
-                report.source_pid,
+                "tether: migrated {} to {}: downtime {:.1} ms (commit {:.1} ms), total {:.1} ms, {} pre-copy round(s), final difference {} pages, {} bytes sent while frozen",
+                match &report.container {
+                    Some(c) => format!("container {c} (pid {})", report.source_pid),
+                    None => format!("pid {}", report.source_pid),
+                },
                 report.destination,
                 report.timings.downtime_ms,
                 report.timings.commit_ms,

@@ -1112,7 +1112,12 @@ where
                 let ckpt = self.shared.ckpt.clone();
                 let net = self.shared.net.clone();
                 let is_container = self.record.container.is_some();
-                let live = lock(&self.live_container).take();
+                let live = lock(&self.live_container).take().or_else(|| {
+                    // Restored by an earlier agent (this one resumed its journal): found again.
+                    is_container
+                        .then(|| live_container(pid, &self.record.images))
+                        .flatten()
+                });
                 let (table, addr, dev) = (
                     self.record.block_table.clone(),
                     self.record.service_addr.addr(),
@@ -1141,9 +1146,14 @@ where
                         }
                     }
                     let t1 = Instant::now();
-                    let announced = match live.as_ref().and_then(|l| l.mac) {
-                        Some(mac) => net.announce_as(addr, &dev, mac).await,
-                        None => net.announce(addr, &dev).await,
+                    // A container's address is announced with its own MAC, never the host's.
+                    let announced = match (is_container, live.as_ref().and_then(|l| l.mac)) {
+                        (true, Some(mac)) => net.announce_as(addr, &dev, mac).await,
+                        (true, None) => Err(PortError::new(
+                            ErrorCode::HostNetwork,
+                            "the restored container's MAC address is unknown",
+                        )),
+                        (false, _) => net.announce(addr, &dev).await,
                     };
                     if let Err(e) = announced {
                         warn!("cannot announce the service address: {e}");
@@ -1273,6 +1283,21 @@ async fn restore_container(
         stats: None,
         held_bytes: None,
     })
+}
+
+/// What going live needs of the restored container `pid`, from its namespace and `images`.
+fn live_container(pid: i32, images: &Path) -> Option<LiveContainer> {
+    match Neighbours::open(pid) {
+        Ok(neighbours) => Some(LiveContainer {
+            neighbours,
+            entries: neighbours::load(images),
+            mac: container_mac(pid),
+        }),
+        Err(e) => {
+            warn!("the restored container's namespace cannot be reached: {e}");
+            None
+        }
+    }
 }
 
 /// Freezes or thaws the container whose init is `pid`, through its freezer cgroup.

@@ -474,6 +474,7 @@ async fn migrate_unit<C: Checkpointer + Unit, N: AddressMover>(
     };
     let mut result = drive(machine, ctx, gate, Some(Tracker::default()), cancel).await;
     result.report.criu = criu.path().display().to_string();
+    result.report.container = opts.container.clone();
     record_source_memory(&mut result.report);
     if let (Outcome::Committed, Some(p)) = (result.outcome, &opts.proxy) {
         if let Err(e) = crate::gate::record_answers(p, &mut result.report).await {
