@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_clean, proxied_move, scenario};
-use tether::scenario::{Scenario, ScenarioConfig, CONTAINER_NAME};
+use tether::scenario::{ClientRun, Scenario, ScenarioConfig, CONTAINER_NAME};
 use tether::testbed::Host;
 use tether_migrator::driver::agent::BREAK_RESTORE_VAR;
 
@@ -41,6 +41,25 @@ fn logs(s: &Scenario, host: Host) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// Load clients, a request every 2 ms: `tcp` + `quic` connections to `target` for `secs`.
+fn clients_to(
+    s: &mut Scenario,
+    target: std::net::SocketAddr,
+    tcp: u32,
+    quic: u32,
+    secs: u64,
+) -> ClientRun {
+    s.start_clients_to(
+        target,
+        tcp,
+        quic,
+        Duration::from_secs(secs),
+        None,
+        &["--interval-ms", "2"],
+    )
+    .expect("clients")
+}
+
 #[test]
 fn a_podman_container_moves_there_and_back_with_its_clients_and_its_log() {
     let mut s = container_scenario(true);
@@ -48,26 +67,11 @@ fn a_podman_container_moves_there_and_back_with_its_clients_and_its_log() {
     for (i, to) in [Host::Dst, Host::Src].into_iter().enumerate() {
         let from = s.location();
         let verified_before = logs(&s, from).matches("state verified").count();
-        let proxied = s
-            .start_clients_to(
-                via_proxy,
-                8,
-                2,
-                Duration::from_secs(4),
-                None,
-                &["--interval-ms", "2"],
-            )
-            .expect("clients via the proxy");
-        let direct = s
-            .start_clients_to(
-                s.service_addr(),
-                4,
-                1,
-                Duration::from_secs(4),
-                None,
-                &["--interval-ms", "2"],
-            )
-            .expect("direct clients");
+        let proxied = clients_to(&mut s, via_proxy, 8, 2, 4);
+        let direct = {
+            let t = s.service_addr();
+            clients_to(&mut s, t, 4, 1, 4)
+        };
         std::thread::sleep(Duration::from_millis(1500));
         let (report, p, d) = proxied_move(&mut s, i, to, &[], proxied, direct);
         println!(
@@ -132,26 +136,14 @@ fn a_failed_restore_leaves_the_source_container_running_and_nothing_on_the_desti
     s.start_agent_env(Host::Dst, &[(BREAK_RESTORE_VAR, "1")])
         .expect("agent whose restores fail");
     let pid = s.container_pid(Host::Src).expect("ps").expect("runs");
-    let proxied = s
-        .start_clients_to(
-            s.proxy_addr(),
-            8,
-            2,
-            Duration::from_secs(4),
-            None,
-            &["--interval-ms", "2"],
-        )
-        .expect("clients via the proxy");
-    let direct = s
-        .start_clients_to(
-            s.service_addr(),
-            4,
-            1,
-            Duration::from_secs(4),
-            None,
-            &["--interval-ms", "2"],
-        )
-        .expect("direct clients");
+    let proxied = {
+        let t = s.proxy_addr();
+        clients_to(&mut s, t, 8, 2, 4)
+    };
+    let direct = {
+        let t = s.service_addr();
+        clients_to(&mut s, t, 4, 1, 4)
+    };
     std::thread::sleep(Duration::from_millis(1000));
     let args = s.proxy_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -401,16 +393,10 @@ fn a_container_whose_agent_dies_after_the_restore_commits_once_it_is_back() {
     // The destination agent pauses once it has reported the restore: it never sees the commit.
     s.start_agent_env(Host::Dst, &[(HOLD, "prepared+:30000")])
         .expect("agent with a hold");
-    let c = s
-        .start_clients_to(
-            s.proxy_addr(),
-            8,
-            2,
-            Duration::from_secs(16),
-            None,
-            &["--interval-ms", "2"],
-        )
-        .expect("clients");
+    let c = {
+        let t = s.proxy_addr();
+        clients_to(&mut s, t, 8, 2, 16)
+    };
     std::thread::sleep(Duration::from_millis(1500));
     let dst_log = s.agent_log(Host::Dst);
     let (child, log) = spawn_migrate(&s, Host::Dst, &[]);
@@ -458,16 +444,10 @@ fn a_container_whose_agent_dies_after_the_restore_commits_once_it_is_back() {
 fn a_container_move_whose_migrate_dies_before_the_commit_point_rolls_back() {
     let mut s = held_container_scenario();
     let pid = s.container_pid(Host::Src).expect("ps").expect("runs");
-    let c = s
-        .start_clients_to(
-            s.proxy_addr(),
-            8,
-            2,
-            Duration::from_secs(14),
-            None,
-            &["--interval-ms", "2"],
-        )
-        .expect("clients");
+    let c = {
+        let t = s.proxy_addr();
+        clients_to(&mut s, t, 8, 2, 14)
+    };
     std::thread::sleep(Duration::from_millis(1500));
     // Held once the destination has reported its (frozen) copy, before the commit point.
     let (mut child, log) = spawn_migrate(&s, Host::Dst, &[(HOLD, "ending:20000")]);
