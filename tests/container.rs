@@ -91,6 +91,12 @@ fn a_podman_container_moves_there_and_back_with_its_clients_and_its_log() {
             d.tcp.max_stall_ms,
             d.quic.max_stall_ms,
         );
+        // The agents restore lazily where they can: through Podman too.
+        assert!(
+            report.criu_restore.as_ref().is_some_and(|c| c.lazy),
+            "move {i}: the container's restore was not lazy: {:?}",
+            report.criu_restore
+        );
         // Podman manages it where it runs now, and only there.
         assert_eq!(
             listed(&s, to),

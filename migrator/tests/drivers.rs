@@ -525,3 +525,64 @@ async fn a_hostile_page_map_fails_its_migration_while_another_commits() {
     assert_eq!(outcome, Outcome::Committed, "the other migration: {why}");
     agent.stop().await;
 }
+
+/// A source that sends an image file named `name` with CRIU options in it: what the agent
+/// answers.
+async fn source_sending_file(
+    certs: &Path,
+    agent: SocketAddr,
+    name: &str,
+) -> tether_migrator::protocol::FromAgent {
+    use tether_migrator::protocol::{FromAgent, ToAgent, PROTOCOL};
+    use tether_migrator::transport::{FrameReceiver, FrameSender};
+    let identity = Identity::load(&certs.join("src")).expect("src certs");
+    let (_endpoint, conn) = transport::connect(&identity, agent, "dst", Duration::from_secs(5))
+        .await
+        .expect("connect");
+    let (send, recv) = conn.open_bi().await.expect("stream");
+    let (mut tx, mut rx) = (FrameSender(send), FrameReceiver(recv));
+    tx.send(&ToAgent::Hello {
+        protocol: PROTOCOL,
+        migration_id: MigrationId::random(),
+        service_addr: "10.77.0.102/24".parse().expect("addr"),
+        container: None,
+    })
+    .await
+    .expect("hello");
+    let ready: FromAgent = rx.message().await.expect("ready");
+    assert!(matches!(ready, FromAgent::Ready { .. }), "{ready:?}");
+    tx.send(&ToAgent::Frozen).await.expect("frozen");
+    let body = b"action-script /tmp/x\n";
+    tx.send(&ToAgent::File {
+        name: name.into(),
+        size: body.len() as u64,
+    })
+    .await
+    .expect("file");
+    tx.send_data(body).await.expect("data");
+    loop {
+        let m: FromAgent = rx
+            .message_within(Duration::from_secs(20), "failed")
+            .await
+            .expect("an answer");
+        if matches!(m, FromAgent::Failed { .. }) {
+            return m;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_cannot_hand_the_restore_a_criu_configuration() {
+    use tether_migrator::protocol::FromAgent;
+    let dir = tempfile::tempdir().expect("tempdir");
+    certs(dir.path());
+    let agent = start_agent(dir.path(), dir.path()).await;
+    let name = tether_migrator::container::podman::CRIU_CONFIG_FILE;
+    match source_sending_file(dir.path(), agent.addr, name).await {
+        FromAgent::Failed { reason, .. } => {
+            assert!(reason.contains("CRIU configuration"), "{reason}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    agent.stop().await;
+}

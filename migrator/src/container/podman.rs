@@ -73,7 +73,20 @@ pub struct Staged {
     pub log_path: Option<PathBuf>,
     /// Where conmon writes its init's pid.
     pub pid_file: PathBuf,
+    /// The CRIU configuration file its runtime reads at the restore (annotation
+    /// `org.criu.config`), if it was given one: see [`Podman::restore`].
+    pub criu_config: Option<PathBuf>,
 }
+
+/// The name, in a container's image set on the destination, of the CRIU configuration file its
+/// restore reads (see [`Podman::restore`]): the agent's own, never a source's (the receiver
+/// refuses a file of that name: CRIU options from a source could run commands here).
+pub const CRIU_CONFIG_FILE: &str = "criu-lazy.conf";
+
+/// The annotation through which runc hands CRIU a configuration file of the container's own.
+const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+/// The lazy-pages daemon's socket, which CRIU's restore looks for in its work directory.
+const LAZY_SOCKET: &str = "lazy-pages.socket";
 
 /// What tether reads of a container (`podman inspect`).
 #[derive(Debug, Clone)]
@@ -270,7 +283,16 @@ impl Podman {
     ///
     /// `init` runs the runtime's set-up (its network among it: the caller blocks the address on
     /// the LAN first) but not the container's command, and `stop` ends that set-up again.
-    pub async fn stage(&self, spec: &ContainerSpec) -> Result<Staged, ContainerError> {
+    ///
+    /// With `criu_config`, the container carries the annotation `org.criu.config` naming that
+    /// path: runc then gives CRIU that file as configuration at every checkpoint and restore,
+    /// and CRIU ignores it while it does not exist ([`restore`](Self::restore) writes it for
+    /// the restore only). Not when the container names a configuration of its own.
+    pub async fn stage(
+        &self,
+        spec: &ContainerSpec,
+        criu_config: Option<&Path>,
+    ) -> Result<Staged, ContainerError> {
         if let Some(p) = spec.bind_sources.iter().find(|p| !Path::new(p).exists()) {
             return Err(ContainerError::MissingMount(p.clone()));
         }
@@ -286,7 +308,16 @@ impl Podman {
         if self.exists(&spec.name).await? {
             return Err(ContainerError::NameTaken(spec.name.clone()));
         }
+        let criu_config = criu_config.filter(|_| {
+            !spec
+                .create_args
+                .iter()
+                .any(|a| a.contains(CRIU_CONFIG_ANNOTATION))
+        });
+        let annotation =
+            criu_config.map(|p| format!("--annotation={CRIU_CONFIG_ANNOTATION}={}", p.display()));
         let mut args: Vec<&str> = vec!["create"];
+        args.extend(annotation.as_deref());
         args.extend(spec.create_args.iter().map(String::as_str));
         let id = self
             .run(&format!("creating container {}", spec.name), &args)
@@ -320,6 +351,7 @@ impl Podman {
                     .to_path_buf(),
                 pid_file: c.pid_file.ok_or_else(|| bad("pid file"))?,
                 log_path: c.log_path,
+                criu_config: criu_config.map(Path::to_path_buf),
                 id: id.clone(),
             })
         }
@@ -340,11 +372,18 @@ impl Podman {
     /// `checkpoint`; Podman removes the link, not the images, once restored), with the source's
     /// log (if `images` has one) in place first. Returns its init pid (from conmon's pid file)
     /// and how long Podman took.
+    ///
+    /// With `lazy` (a lazy-pages daemon serves `images`), and a container staged with a CRIU
+    /// configuration file: Podman does not pass runc's `--lazy-pages`, so the restore gets it
+    /// from that file (`lazy-pages`), written for this restore and removed after it, and finds
+    /// the daemon's socket in runc's work directory (the bundle) through a link. Returns
+    /// whether the restore was lazy.
     pub async fn restore(
         &self,
         staged: &Staged,
         images: &Path,
-    ) -> Result<(i32, Duration), ContainerError> {
+        lazy: bool,
+    ) -> Result<(i32, Duration, bool), ContainerError> {
         let link = staged.bundle.join("checkpoint");
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(images, &link).map_err(|e| ContainerError::Io {
@@ -358,6 +397,23 @@ impl Podman {
                 source: e,
             })?;
         }
+        let lazy_files = match (&staged.criu_config, lazy) {
+            (Some(conf), true) => {
+                let socket = staged.bundle.join(LAZY_SOCKET);
+                let _ = std::fs::remove_file(&socket);
+                std::fs::write(conf, "lazy-pages\n")
+                    .and_then(|()| std::os::unix::fs::symlink(images.join(LAZY_SOCKET), &socket))
+                    .map_err(ContainerError::io("preparing the lazy restore"))?;
+                Some((conf.clone(), socket))
+            }
+            (Some(conf), false) => {
+                // CRIU ignores the file while it does not exist.
+                let _ = std::fs::remove_file(conf);
+                None
+            }
+            (None, _) => None,
+        };
+        let lazy = lazy_files.is_some();
         let _ = std::fs::remove_file(&staged.pid_file);
         let started = Instant::now();
         let restored = self
@@ -368,6 +424,10 @@ impl Podman {
             .await;
         let elapsed = started.elapsed();
         let _ = std::fs::remove_file(&link);
+        if let Some((conf, socket)) = lazy_files {
+            let _ = std::fs::remove_file(conf);
+            let _ = std::fs::remove_file(socket);
+        }
         restored?;
         let pid = std::fs::read_to_string(&staged.pid_file)
             .ok()
@@ -380,7 +440,7 @@ impl Podman {
                     staged.pid_file.display()
                 ),
             })?;
-        Ok((pid, elapsed))
+        Ok((pid, elapsed, lazy))
     }
 
     /// Removes container `id` (killing it if it runs); absent is fine.
@@ -480,6 +540,12 @@ pub fn create_args(command: &[String]) -> Option<Vec<String>> {
         }
         match a.as_str() {
             "-d" | "--detach" | "--detach=true" | "-d=true" => continue,
+            // What an earlier move's destination added (see `Podman::stage`): not the user's.
+            s if s.starts_with(&format!("--annotation={CRIU_CONFIG_ANNOTATION}="))
+                && s.ends_with(&format!("/{CRIU_CONFIG_FILE}")) =>
+            {
+                continue
+            }
             s if s.starts_with('-')
                 && !s.starts_with("--")
                 && s.len() > 2
@@ -583,6 +649,14 @@ mod tests {
                 "x"
             ])
         );
+        let cmd = v(&[
+            "podman",
+            "create",
+            "--annotation=org.criu.config=/dev/shm/t/m1/criu-lazy.conf",
+            "--name=a",
+            "img",
+        ]);
+        assert_eq!(create_args(&cmd).expect("args"), v(&["--name=a", "img"]));
         let cmd = v(&["podman", "container", "create", "-dit", "--name=a", "img"]);
         assert_eq!(
             create_args(&cmd).expect("args"),

@@ -214,6 +214,7 @@ impl Checkpointer for ContainerSource {
                 .map(Path::to_path_buf)
                 .unwrap_or_default(),
             log_path: None,
+            criu_config: None,
             pid_file: c.pid_file.clone().ok_or_else(|| {
                 PortError::new(
                     ErrorCode::Checkpoint,
@@ -221,7 +222,7 @@ impl Checkpointer for ContainerSource {
                 )
             })?,
         };
-        let (pid, _) = self.podman.restore(&staged, images).await?;
+        let (pid, _, _) = self.podman.restore(&staged, images, false).await?;
         info!(pid, "restored the container here from the image set");
         Ok(pid)
     }

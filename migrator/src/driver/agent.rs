@@ -36,6 +36,7 @@ use crate::machine::{ConnectionEnd, PortError};
 use crate::metrics::{AgentMetrics, Outcome as MetricOutcome};
 use crate::ports::{AddressMover, Checkpointer, Journal, LazyServer};
 use crate::protocol::frame::Frame;
+use crate::protocol::stats::CriuRestoreStats;
 use crate::protocol::{
     ContainerSpec, Decision, ErrorCode, FromAgent, MigrationId, Phase, Resolution, ServiceAddr,
     ToAgent, PROTOCOL,
@@ -862,7 +863,17 @@ where
         self.save()?;
         let table = self.record.block_table.clone();
         let staged = match net.block_behind(&table, svc, &dev, spec.mac_octets()).await {
-            Ok(()) => podman.stage(&spec).await.map_err(PortError::from),
+            Ok(()) => {
+                // Written (and read) only for a lazy restore: see `Podman::restore`.
+                let conf = self
+                    .record
+                    .images
+                    .join(crate::container::podman::CRIU_CONFIG_FILE);
+                podman
+                    .stage(&spec, Some(&conf))
+                    .await
+                    .map_err(PortError::from)
+            }
             Err(e) => Err(e),
         };
         match staged {
@@ -1001,9 +1012,13 @@ where
                     return;
                 }
                 // The lazy-pages daemon reads the process tree from the image files, all here
-                // now, and has its start-up done before the restore. (Podman restores a
-                // container's memory whole.)
-                let lazy = if self.record.container.is_some() {
+                // now, and has its start-up done before the restore (a container's too, if it
+                // was staged so that its runtime's restore can be lazy).
+                let lazy = if self
+                    .staged
+                    .as_ref()
+                    .is_some_and(|s| s.criu_config.is_none())
+                {
                     Ok(None)
                 } else {
                     self.shared.ckpt.start_lazy(&self.record.images)
@@ -1046,12 +1061,21 @@ where
                     machine.handle(now(), AgentEvent::Restored(Err(e)));
                     return;
                 };
+                let mut lazy = self.lazy.is_some();
+                if let Some(d) = self.lazy.as_mut() {
+                    if let Err(e) = LazyServer::ready(d, LAZY_READY_TIMEOUT).await {
+                        warn!("restoring fully: {e}");
+                        lazy = false;
+                        self.lazy = None;
+                        self.record.lazy_daemon = None;
+                    }
+                }
                 let images = self.record.images.clone();
                 let held_bytes = self.receiver.as_ref().map(Receiver::peak);
                 let metrics = self.shared.metrics.clone();
                 let live = self.live_container.clone();
                 tokio::spawn(async move {
-                    let r = restore_container(&podman, &staged, &images, &emit, &live).await;
+                    let r = restore_container(&podman, &staged, &images, lazy, &emit, &live).await;
                     if let Ok(info) = &r {
                         metrics
                             .restore_duration
@@ -1257,6 +1281,7 @@ async fn restore_container(
     podman: &Podman,
     staged: &Staged,
     images: &Path,
+    lazy: bool,
     emit: &(impl Fn(AgentEvent) + Send),
     live: &Mutex<Option<LiveContainer>>,
 ) -> Result<crate::machine::agent::RestoreInfo, PortError> {
@@ -1264,7 +1289,7 @@ async fn restore_container(
         // Test hook: runc's restore cannot do without the runtime's record of the descriptors.
         let _ = std::fs::remove_file(images.join(crate::container::podman::DESCRIPTORS_FILE));
     }
-    let (pid, elapsed) = podman.restore(staged, images).await?;
+    let (pid, elapsed, lazy) = podman.restore(staged, images, lazy).await?;
     emit(AgentEvent::RestoreStarted { pid });
     set_container_frozen(pid, true)?;
     *lock(live) = Some(LiveContainer {
@@ -1274,13 +1299,17 @@ async fn restore_container(
     });
     info!(
         pid,
+        lazy,
         ms = elapsed.as_millis() as u64,
         "container restored through Podman"
     );
     Ok(crate::machine::agent::RestoreInfo {
         pid,
         criu_restore_ms: elapsed.as_secs_f64() * 1e3,
-        stats: None,
+        stats: Some(CriuRestoreStats {
+            lazy,
+            ..Default::default()
+        }),
         held_bytes: None,
     })
 }

@@ -138,6 +138,12 @@ impl Receiver {
                 format!("page data file {name} sent as a file"),
             ));
         }
+        if name == crate::container::podman::CRIU_CONFIG_FILE {
+            return Err(data(
+                "image files",
+                format!("{name} is the destination's own CRIU configuration, not an image"),
+            ));
+        }
         if crate::criu::lazy::is_daemon_file(name) {
             return Err(data(
                 "image files",
