@@ -64,7 +64,7 @@ pub fn container_pid(name: &str) -> anyhow::Result<i32> {
     if !out.status.success() {
         anyhow::bail!(
             "podman inspect {name}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            tether_migrator::container::podman::error_of(&String::from_utf8_lossy(&out.stderr))
         );
     }
     let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse()?;

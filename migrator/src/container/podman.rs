@@ -243,10 +243,9 @@ impl Podman {
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
-            let err = String::from_utf8_lossy(&out.stderr);
             Err(ContainerError::Podman {
                 what: what.to_string(),
-                detail: err.trim().trim_start_matches("Error: ").to_string(),
+                detail: error_of(&String::from_utf8_lossy(&out.stderr)),
             })
         }
     }
@@ -452,6 +451,18 @@ impl Podman {
         .await
         .map(drop)
     }
+}
+
+/// Podman's error in its stderr: its `Error: ` line (it may have logged warnings before), else
+/// all of it.
+pub fn error_of(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("Error: "))
+        .unwrap_or(stderr)
+        .trim()
+        .to_string()
 }
 
 fn parse_inspect(out: &str, name: &str) -> Result<Inspected, ContainerError> {
@@ -664,6 +675,13 @@ mod tests {
         );
         assert_eq!(create_args(&v(&["podman", "ps"])), None);
         assert_eq!(create_args(&v(&["podman"])), None);
+    }
+
+    #[test]
+    fn podman_s_error_is_told_from_its_warnings() {
+        let err = "time=\"x\" level=warning msg=\"Error validating CNI config\"\nError: no such container x\n";
+        assert_eq!(error_of(err), "no such container x");
+        assert_eq!(error_of("plain\n"), "plain");
     }
 
     #[test]
