@@ -501,3 +501,55 @@ fn a_container_move_whose_migrate_dies_before_the_commit_point_rolls_back() {
     s.migrate(Host::Dst).expect("a move after the recovery");
     s.verify_state().expect("state verifies on dst");
 }
+
+#[test]
+fn a_container_that_dies_on_the_destination_before_it_goes_live_is_restored_on_the_source() {
+    let mut s = held_container_scenario();
+    // The destination agent pauses once it has reported the restore; meanwhile its copy dies.
+    s.start_agent_env(Host::Dst, &[(HOLD, "prepared+:4000")])
+        .expect("agent with a hold");
+    let c = {
+        let t = s.proxy_addr();
+        clients_to(&mut s, t, 8, 2, 16)
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let dst_log = s.agent_log(Host::Dst);
+    let (child, log) = spawn_migrate(&s, Host::Dst, &[]);
+    let said = common::wait_for_log(&dst_log, "test hold: pausing", Duration::from_secs(60));
+    assert!(
+        said.contains("test hold: pausing"),
+        "the agent never paused:\n{said}"
+    );
+    let dst_pid = s
+        .container_pid(Host::Dst)
+        .expect("ps")
+        .expect("restored on dst");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dst_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the restored container");
+    // It is held frozen until it goes live: the kill takes effect once it is thawed.
+    let cgroups = std::fs::read_to_string(format!("/proc/{dst_pid}/cgroup")).expect("cgroups");
+    let freezer = tether_migrator::container::scope::freezer(&cgroups).expect("freezer");
+    tether_migrator::container::scope::set_frozen(&freezer, false).expect("thaw");
+    let status = wait_exit(child);
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{said}");
+    // The source had ended its copy: it restores the service from its image set, through
+    // Podman, into the same container.
+    assert!(!status.success(), "tether migrate: {said}");
+    assert!(
+        said.contains("restored") && said.contains("source"),
+        "{said}"
+    );
+    let (host, pid) = one_running_copy(&s);
+    assert_eq!(host, Host::Src);
+    s.adopt(Host::Src, pid);
+    assert_eq!(
+        listed(&s, Host::Src),
+        vec![(CONTAINER_NAME.to_string(), "running".to_string())]
+    );
+    assert_clean(&c.finish().expect("clients"), "the destination's copy died");
+    s.verify_state().expect("state verifies on the source");
+}

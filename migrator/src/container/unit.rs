@@ -306,8 +306,10 @@ impl AddressMover for ContainerNet {
         self.inner.claim(table, svc, dev).await
     }
 
-    async fn add(&self, svc: ServiceAddr, dev: &str) -> Result<(), PortError> {
-        self.inner.add(svc, dev).await
+    async fn add(&self, _svc: ServiceAddr, _dev: &str) -> Result<(), PortError> {
+        // The address comes back with the container: Podman's restore (the way back after a
+        // failed destination) makes a new namespace with it. This one may be gone by then.
+        Ok(())
     }
 
     async fn remove(&self, _svc: ServiceAddr, _dev: &str) -> Result<(), PortError> {
