@@ -529,10 +529,7 @@ fn a_container_that_dies_on_the_destination_before_it_goes_live_is_restored_on_t
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the restored container");
-    // It is held frozen until it goes live: the kill takes effect once it is thawed.
-    let cgroups = std::fs::read_to_string(format!("/proc/{dst_pid}/cgroup")).expect("cgroups");
-    let freezer = tether_migrator::container::scope::freezer(&cgroups).expect("freezer");
-    tether_migrator::container::scope::set_frozen(&freezer, false).expect("thaw");
+    // It is held frozen until it goes live, so the kill is only pending: the agent must see it.
     let status = wait_exit(child);
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     println!("{said}");
@@ -549,6 +546,20 @@ fn a_container_that_dies_on_the_destination_before_it_goes_live_is_restored_on_t
     assert_eq!(
         listed(&s, Host::Src),
         vec![(CONTAINER_NAME.to_string(), "running".to_string())]
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !listed(&s, Host::Dst).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        listed(&s, Host::Dst).is_empty(),
+        "{:?}",
+        listed(&s, Host::Dst)
+    );
+    assert!(
+        !tables(&s, Host::Dst).contains("tether"),
+        "{}",
+        tables(&s, Host::Dst)
     );
     assert_clean(&c.finish().expect("clients"), "the destination's copy died");
     s.verify_state().expect("state verifies on the source");

@@ -1154,7 +1154,7 @@ where
                 // estimate): a one-second stall, seen once in ten moves. A tree that died since
                 // the restore is not unblocked.
                 let r = async {
-                    if !ckpt.alive(pid, start) {
+                    if !ckpt.alive(pid, start) || (is_container && kill_pending(pid)) {
                         return Err(PortError::new(
                             ErrorCode::Checkpoint,
                             format!("the restored tree (pid {pid}) is gone"),
@@ -1345,6 +1345,21 @@ fn set_container_frozen(pid: i32, frozen: bool) -> Result<(), PortError> {
         )
     })?;
     crate::container::scope::set_frozen(&dir, frozen).map_err(PortError::from)
+}
+
+/// Whether process `pid` has a SIGKILL pending (a frozen process dies only once it is thawed:
+/// until then it looks alive).
+fn kill_pending(pid: i32) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (9 - 1);
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|st| {
+        st.lines()
+            .filter_map(|l| {
+                l.strip_prefix("ShdPnd:")
+                    .or_else(|| l.strip_prefix("SigPnd:"))
+            })
+            .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .any(|mask| mask & SIGKILL_BIT != 0)
+    })
 }
 
 /// Lets a restored container run (it was held frozen since its restore).
