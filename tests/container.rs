@@ -381,6 +381,25 @@ fn one_running_copy(s: &Scenario) -> (Host, u32) {
     }
 }
 
+/// Waits (up to 20 s) until the destination lists no container, then asserts that and that no
+/// table of tether's is left there.
+fn nothing_left_on_dst(s: &Scenario) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !listed(s, Host::Dst).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        listed(s, Host::Dst).is_empty(),
+        "{:?}",
+        listed(s, Host::Dst)
+    );
+    assert!(
+        !tables(s, Host::Dst).contains("tether"),
+        "{}",
+        tables(s, Host::Dst)
+    );
+}
+
 fn held_container_scenario() -> Scenario {
     scenario(&ScenarioConfig {
         container: true,
@@ -474,20 +493,7 @@ fn a_container_move_whose_migrate_dies_before_the_commit_point_rolls_back() {
         (Host::Src, pid),
         "the same processes run on"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !listed(&s, Host::Dst).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        listed(&s, Host::Dst).is_empty(),
-        "{:?}",
-        listed(&s, Host::Dst)
-    );
-    assert!(
-        !tables(&s, Host::Dst).contains("tether"),
-        "{}",
-        tables(&s, Host::Dst)
-    );
+    nothing_left_on_dst(&s);
     assert!(
         !tables(&s, Host::Src).contains("tether"),
         "{}",
@@ -583,20 +589,7 @@ fn a_container_that_dies_on_the_destination_before_it_goes_live_is_restored_on_t
         listed(&s, Host::Src),
         vec![(CONTAINER_NAME.to_string(), "running".to_string())]
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !listed(&s, Host::Dst).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        listed(&s, Host::Dst).is_empty(),
-        "{:?}",
-        listed(&s, Host::Dst)
-    );
-    assert!(
-        !tables(&s, Host::Dst).contains("tether"),
-        "{}",
-        tables(&s, Host::Dst)
-    );
+    nothing_left_on_dst(&s);
     assert_clean(&c.finish().expect("clients"), "the destination's copy died");
     s.verify_state().expect("state verifies on the source");
 }

@@ -16,6 +16,7 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_route::neighbour::NeighbourState;
 
 use super::ContainerError;
+use crate::protocol::types::parse_mac;
 
 /// The file beside the images: one `address mac interface` line per complete IPv4 entry.
 pub const FILE: &str = "neighbours";
@@ -31,15 +32,6 @@ pub fn read(pid: i32) -> Result<Vec<Entry>, ContainerError> {
         ContainerError::io("reading the container's neighbour table"),
     )?;
     Ok(parse_proc_arp(&text))
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for o in &mut mac {
-        *o = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 fn format_mac(m: &[u8; 6]) -> String {

@@ -110,13 +110,17 @@ pub struct ContainerDump {
     inner: TreeDump,
     images: PathBuf,
     source: ContainerSource,
+    /// Bytes of the container's log copied before the freeze.
+    log_copied: u64,
 }
 
 impl ContainerDump {
-    /// Puts what runc's restore and the destination need beside CRIU's images: the tree's
-    /// standard descriptors as runc records them, its neighbour table and its log so far.
-    fn add_runtime_files(&self) -> Result<(), PortError> {
-        let pid = self.source.container.pid;
+    /// Before the freeze: what runc's restore needs beside CRIU's images (the tree's standard
+    /// descriptors, as runc records them; they do not change), and the container's log so far,
+    /// so that only what it writes from here on is copied while it is frozen. Returns how many
+    /// bytes of the log were copied.
+    fn add_files_before_freeze(source: &ContainerSource, images: &Path) -> Result<u64, PortError> {
+        let pid = source.container.pid;
         let fds: Vec<String> = (0..3)
             .map(|fd| {
                 std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
@@ -126,8 +130,20 @@ impl ContainerDump {
             .collect();
         let json = serde_json::to_vec(&fds)
             .map_err(|e| PortError::caused(ErrorCode::Internal, "descriptors.json", e))?;
-        std::fs::write(self.images.join(podman::DESCRIPTORS_FILE), json)
+        std::fs::write(images.join(podman::DESCRIPTORS_FILE), json)
             .map_err(|e| PortError::caused(ErrorCode::Storage, "writing descriptors.json", e))?;
+        let Some(log) = &source.container.log_path else {
+            return Ok(0);
+        };
+        std::fs::copy(log, images.join(podman::LOG_FILE)).or_else(|e| {
+            warn!("the container's log {} stays here: {e}", log.display());
+            Ok(0)
+        })
+    }
+
+    /// Frozen, dumped: its neighbour table, and the rest of its log (it only grows).
+    fn add_files_while_frozen(&self) {
+        let pid = self.source.container.pid;
         match super::neighbours::read(pid) {
             Ok(n) => {
                 if let Err(e) = super::neighbours::write(&self.images, &n) {
@@ -137,11 +153,23 @@ impl ContainerDump {
             Err(e) => warn!("{e}"),
         }
         if let Some(log) = &self.source.container.log_path {
-            if let Err(e) = std::fs::copy(log, self.images.join(podman::LOG_FILE)) {
-                warn!("the container's log {} stays here: {e}", log.display());
+            let tail = || -> std::io::Result<u64> {
+                use std::io::Seek as _;
+                let mut from = std::fs::File::open(log)?;
+                from.seek(std::io::SeekFrom::Start(self.log_copied))?;
+                let mut to = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(self.images.join(podman::LOG_FILE))?;
+                std::io::copy(&mut from, &mut to)
+            };
+            if let Err(e) = tail() {
+                warn!(
+                    "the end of the container's log {} stays here: {e}",
+                    log.display()
+                );
             }
         }
-        Ok(())
     }
 }
 
@@ -149,7 +177,7 @@ impl Dump for ContainerDump {
     async fn proceed(&mut self) -> Result<DumpPoint, PortError> {
         let p = self.inner.proceed().await?;
         if p == DumpPoint::Held {
-            self.add_runtime_files()?;
+            self.add_files_while_frozen();
         }
         Ok(p)
     }
@@ -187,10 +215,13 @@ impl Checkpointer for ContainerSource {
     }
 
     async fn start_dump(&self, images: &Path) -> Result<ContainerDump, PortError> {
+        let inner = self.tree.start_dump(images).await?;
+        let log_copied = ContainerDump::add_files_before_freeze(self, images)?;
         Ok(ContainerDump {
-            inner: self.tree.start_dump(images).await?,
+            inner,
             images: images.to_path_buf(),
             source: self.clone(),
+            log_copied,
         })
     }
 

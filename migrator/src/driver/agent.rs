@@ -844,6 +844,23 @@ where
         self.shared.journal.save(&self.id, &self.record)
     }
 
+    /// Whether the restore can be lazy: a lazy-pages daemon was started and serves in time
+    /// (one that does not is dropped, and the restore copies all memory in).
+    async fn lazy_ready(&mut self) -> bool {
+        let Some(d) = self.lazy.as_mut() else {
+            return false;
+        };
+        match LazyServer::ready(d, LAZY_READY_TIMEOUT).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("restoring fully: {e}");
+                self.lazy = None;
+                self.record.lazy_daemon = None;
+                false
+            }
+        }
+    }
+
     /// For a container: blocks its address (and static MAC) on the LAN interface, then has
     /// Podman create it here with the source's configuration, ready for the restore. Both are
     /// journaled (an undo removes them); on a failure both are undone here and nothing is left.
@@ -1061,15 +1078,7 @@ where
                     machine.handle(now(), AgentEvent::Restored(Err(e)));
                     return;
                 };
-                let mut lazy = self.lazy.is_some();
-                if let Some(d) = self.lazy.as_mut() {
-                    if let Err(e) = LazyServer::ready(d, LAZY_READY_TIMEOUT).await {
-                        warn!("restoring fully: {e}");
-                        lazy = false;
-                        self.lazy = None;
-                        self.record.lazy_daemon = None;
-                    }
-                }
+                let lazy = self.lazy_ready().await;
                 let images = self.record.images.clone();
                 let held_bytes = self.receiver.as_ref().map(Receiver::peak);
                 let metrics = self.shared.metrics.clone();
@@ -1087,15 +1096,7 @@ where
                 });
             }
             AgentAction::Restore => {
-                let mut lazy = self.lazy.is_some();
-                if let Some(d) = self.lazy.as_mut() {
-                    if let Err(e) = LazyServer::ready(d, LAZY_READY_TIMEOUT).await {
-                        warn!("restoring fully: {e}");
-                        lazy = false;
-                        self.lazy = None;
-                        self.record.lazy_daemon = None;
-                    }
-                }
+                let lazy = self.lazy_ready().await;
                 let ckpt = self.shared.ckpt.clone();
                 let images = self.record.images.clone();
                 let children = self.shared.children.clone();
@@ -1379,12 +1380,7 @@ fn container_mac(pid: i32) -> Option<[u8; 6]> {
             n.to_string_lossy()
         ))
         .ok()?;
-        let mut mac = [0u8; 6];
-        let mut parts = text.trim().split(':');
-        for o in &mut mac {
-            *o = u8::from_str_radix(parts.next()?, 16).ok()?;
-        }
-        Some(mac)
+        crate::protocol::types::parse_mac(text.trim())
     })
 }
 

@@ -274,11 +274,16 @@ impl ContainerSpec {
 
     /// The MAC address as octets, if it has a static one (and it is well-formed).
     pub fn mac_octets(&self) -> Option<[u8; 6]> {
-        let mut out = [0u8; 6];
-        let mut parts = self.mac.as_deref()?.split(':');
-        for o in &mut out {
-            *o = u8::from_str_radix(parts.next()?, 16).ok()?;
-        }
-        parts.next().is_none().then_some(out)
+        parse_mac(self.mac.as_deref()?)
     }
+}
+
+/// A MAC address written as six hex octets separated by `:` (`02:77:00:00:00:64`).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for o in &mut mac {
+        *o = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
