@@ -109,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         container: args.container,
         container_args: Vec::new(),
         workers: 0,
+        lazy_pages_from: None,
     };
     println!(
         "tether demo: {} with {} MiB state rewriting {} pages/s, {} TCP + {} QUIC clients through tether-proxy and as many direct, src-dst link {}",

@@ -97,6 +97,8 @@ pub struct ScenarioConfig {
     pub container_args: Vec<String>,
     /// Worker processes of the example service (`--workers`), each with 8 MiB of state.
     pub workers: u32,
+    /// The agents' `--lazy-pages-from` (`store` or `files`; their default if `None`).
+    pub lazy_pages_from: Option<&'static str>,
 }
 
 impl Default for ScenarioConfig {
@@ -113,6 +115,7 @@ impl Default for ScenarioConfig {
             container: false,
             container_args: Vec::new(),
             workers: 0,
+            lazy_pages_from: None,
         }
     }
 }
@@ -150,6 +153,7 @@ pub struct Scenario {
     full_restore: Vec<Host>,
     /// The agents' `--hot-first-mib`, if set.
     hot_first_mib: Option<u64>,
+    lazy_pages_from: Option<&'static str>,
     /// The service is the container [`CONTAINER_NAME`].
     container: bool,
 }
@@ -217,6 +221,7 @@ impl Scenario {
             client_runs: 0,
             full_restore: cfg.full_restore_on.clone(),
             hot_first_mib: cfg.hot_first_mib,
+            lazy_pages_from: cfg.lazy_pages_from,
             container: cfg.container,
         };
         if cfg.container {
@@ -482,6 +487,9 @@ impl Scenario {
         ];
         if let Some(m) = &hot_first {
             args.extend(["--hot-first-mib", m.as_str()]);
+        }
+        if let Some(from) = self.lazy_pages_from {
+            args.extend(["--lazy-pages-from", from]);
         }
         let proc = self
             .topo

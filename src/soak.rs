@@ -153,6 +153,7 @@ pub fn run(bins: Binaries, cfg: &SoakConfig, out: &mut impl Write) -> anyhow::Re
         container: false,
         container_args: Vec::new(),
         workers: 0,
+        lazy_pages_from: None,
     };
     let mut s = Scenario::start(bins, &sc).context("starting the test bed")?;
     writeln!(

@@ -31,6 +31,7 @@ fn proxied(cfg: ScenarioConfig) -> Scenario {
         container: false,
         container_args: Vec::new(),
         workers: 0,
+        lazy_pages_from: None,
         ..cfg
     })
 }

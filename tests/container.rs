@@ -269,6 +269,7 @@ fn a_container_with_worker_processes_moves_whole() {
         state_mb: 32,
         dirty_pages_per_sec: 500,
         workers: 2,
+        lazy_pages_from: None,
         ..Default::default()
     });
     let tree = |s: &Scenario, host: Host| -> Vec<u32> {

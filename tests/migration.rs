@@ -127,6 +127,7 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
         container: false,
         container_args: Vec::new(),
         workers: 0,
+        lazy_pages_from: None,
     });
     let pid = s.pid();
     s.verify_state().expect("state verifies");

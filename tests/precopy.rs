@@ -40,6 +40,7 @@ fn precopy_of_128_mib_writing_2000_pages_per_second_over_1_gbit() {
         container: false,
         container_args: Vec::new(),
         workers: 0,
+        lazy_pages_from: None,
     });
     let clients = s
         .start_clients(8, 2, Duration::from_secs(8), None)
@@ -93,6 +94,7 @@ fn a_dirtier_faster_than_the_link_hits_max_rounds_and_auto_converge_converges_ea
         container: false,
         container_args: Vec::new(),
         workers: 0,
+        lazy_pages_from: None,
     });
     let clients = s
         .start_clients(2, 1, Duration::from_secs(30), None)
@@ -209,6 +211,7 @@ fn cancelling_during_precopy_leaves_the_service_untouched() {
         container: false,
         container_args: Vec::new(),
         workers: 0,
+        lazy_pages_from: None,
     });
     let pid = s.pid();
     let clients = s

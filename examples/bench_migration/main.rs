@@ -72,6 +72,10 @@ struct Args {
     /// the default lazy restore (userfaultfd), which takes copying memory out of the downtime.
     #[arg(long)]
     full_restore: bool,
+    /// The agents' `--lazy-pages-from` (their default, `store`, if not given): `files` runs the
+    /// earlier path that rebuilds pages files holding all of memory before the restore.
+    #[arg(long, value_enum)]
+    lazy_pages_from: Option<LazyFrom>,
     /// Where the SVG figures of the model against the measured moves go.
     #[arg(long, default_value = "target/bench-migration-figures")]
     figures: PathBuf,
@@ -80,6 +84,22 @@ struct Args {
     /// plot the model's errors.
     #[arg(long, value_name = "JSON")]
     rescore: Option<PathBuf>,
+}
+
+/// `--lazy-pages-from` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LazyFrom {
+    Store,
+    Files,
+}
+
+impl LazyFrom {
+    fn as_arg(self) -> &'static str {
+        match self {
+            LazyFrom::Store => "store",
+            LazyFrom::Files => "files",
+        }
+    }
 }
 
 impl Args {
@@ -479,6 +499,7 @@ fn measure_baseline(bins: &Binaries, args: &Args) -> anyhow::Result<Baseline> {
             container: false,
             container_args: Vec::new(),
             workers: 0,
+            lazy_pages_from: args.lazy_pages_from.map(LazyFrom::as_arg),
         },
     )
     .context("starting the baseline scenario")?;
@@ -598,6 +619,7 @@ fn fill_cell(
             container: false,
             container_args: Vec::new(),
             workers: 0,
+            lazy_pages_from: args.lazy_pages_from.map(LazyFrom::as_arg),
         },
     )
     .context("starting the scenario")?;

@@ -80,6 +80,7 @@ pub fn calibrate_links(
                     container: false,
                     container_args: Vec::new(),
                     workers: 0,
+                    lazy_pages_from: None,
                 },
             )
             .context("starting a calibration scenario")?;

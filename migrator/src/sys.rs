@@ -268,6 +268,85 @@ impl Drop for Nftables {
     }
 }
 
+/// Runs `f` in a forked copy of this process, in a process group of its own, and returns the
+/// child's pid. The child gets `fds` as descriptors 3, 4, ... (passed to `f` in that order),
+/// `/dev/null` as its standard streams, and no other descriptor of this process; its signal
+/// handlers for SIGINT, SIGTERM, SIGHUP and SIGQUIT are the defaults; it exits with `f`'s
+/// result without running destructors or exit handlers.
+///
+/// The child is a copy of a multi-threaded process in which only the calling thread goes on:
+/// any lock another thread held at the fork (the allocator's among them) stays locked in it.
+/// `f` must therefore not allocate, free, lock or log: plain system calls on its descriptors
+/// and reads of memory it was handed. Whatever `f` owns must be forgotten, not dropped (wrap it
+/// in [`std::mem::ManuallyDrop`]). The memory it reads is shared copy-on-write with this
+/// process, which may drop its own copy of it at once.
+pub fn fork_child<const N: usize>(
+    fds: [BorrowedFd<'_>; N],
+    f: impl FnOnce([std::os::fd::OwnedFd; N]) -> i32,
+) -> std::io::Result<i32> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const FIRST: RawFd = 3;
+    // Above anything the targets may be: sources are moved here before the targets are set.
+    const STAGING: RawFd = 1000;
+    static DEV_NULL: &std::ffi::CStr = c"/dev/null";
+    let sources: [RawFd; N] = fds.map(|fd| fd.as_raw_fd());
+    // SAFETY: fork(2) itself is safe to call; the child runs only async-signal-safe calls
+    // (setpgid, signal, open, dup2, fcntl, close_range, _exit) before `f`, whose contract
+    // (above) forbids what is not safe after a fork in a multi-threaded process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid > 0 {
+        return Ok(pid);
+    }
+    // The child.
+    // SAFETY: async-signal-safe system calls on descriptors this process owns; on any failure
+    // the child exits at once with status 127 before running `f`.
+    let fail = || -> ! { unsafe { libc::_exit(127) } };
+    unsafe {
+        libc::setpgid(0, 0);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        let mut staged = [0 as RawFd; N];
+        for (i, src) in sources.iter().enumerate() {
+            staged[i] = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, STAGING);
+            if staged[i] < 0 {
+                fail();
+            }
+        }
+        let null = libc::open(DEV_NULL.as_ptr(), libc::O_RDWR);
+        if null < 0 {
+            fail();
+        }
+        for std in 0..3 {
+            if libc::dup2(null, std) < 0 {
+                fail();
+            }
+        }
+        for (i, s) in staged.iter().enumerate() {
+            // dup2 clears close-on-exec on the new descriptor; nothing is exec'd anyway.
+            if libc::dup2(*s, FIRST + i as RawFd) < 0 {
+                fail();
+            }
+        }
+        if libc::syscall(libc::SYS_close_range, FIRST + N as RawFd, u32::MAX, 0) < 0 {
+            fail();
+        }
+    }
+    let mut i = 0;
+    let owned: [OwnedFd; N] = std::array::from_fn(|_| {
+        i += 1;
+        // SAFETY: descriptor FIRST + i - 1 was just made a copy of the caller's i-th
+        // descriptor, and nothing else in this process refers to it.
+        unsafe { OwnedFd::from_raw_fd(FIRST + i as RawFd - 1) }
+    });
+    let code = f(owned);
+    // SAFETY: _exit is async-signal-safe and never returns.
+    unsafe { libc::_exit(code) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

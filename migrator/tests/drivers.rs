@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tether_migrator::authz::Authorization;
-use tether_migrator::driver::agent::{self, AgentConfig, AgentPorts, LazyRestore};
+use tether_migrator::driver::agent::{self, AgentConfig, AgentPorts, LazyRestore, LazySource};
 use tether_migrator::driver::source::{self, Ctx, SourceRecord};
 use tether_migrator::machine::agent::AgentOutcome;
 use tether_migrator::machine::source::{
@@ -89,6 +89,7 @@ async fn start_agent_with(
         authorization,
         max_memory_bytes: 1 << 30,
         hot_first_pages: 0,
+        lazy_pages_from: LazySource::Files,
     };
     let ports = AgentPorts {
         podman: None,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tether_migrator::authz::{Authorization, ServicePrefix};
-use tether_migrator::driver::agent::{self, AgentConfig, LazyRestore};
+use tether_migrator::driver::agent::{self, AgentConfig, LazyRestore, LazySource};
 
 use super::units::parse_duration;
 
@@ -94,6 +94,22 @@ pub struct AgentArgs {
     /// to the lazy fill.
     #[arg(long, value_name = "MIB", default_value_t = tether_migrator::criu::eager::DEFAULT_BUDGET_PAGES / 256)]
     hot_first_mib: u64,
+    /// With a lazy restore, where the lazy-pages daemon gets the rest of memory. `store`: from
+    /// the pages received (pre-copy plus the final difference) through a page server, so no
+    /// file holding all of memory is written while the service is down. `files`: from pages
+    /// files rebuilt whole before the restore (slower, grows with the state). Either way the
+    /// fill runs in processes of their own that outlive the agent.
+    #[arg(long, value_enum, default_value_t = LazyFromArg::Store)]
+    lazy_pages_from: LazyFromArg,
+}
+
+/// `--lazy-pages-from` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LazyFromArg {
+    /// The page store, through a page server.
+    Store,
+    /// Pages files rebuilt whole.
+    Files,
 }
 
 /// `--lazy-restore` values.
@@ -129,6 +145,10 @@ pub async fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         },
         in_doubt_timeout: a.in_doubt_timeout,
         hot_first_pages: a.hot_first_mib.saturating_mul(256),
+        lazy_pages_from: match a.lazy_pages_from {
+            LazyFromArg::Store => LazySource::Store,
+            LazyFromArg::Files => LazySource::Files,
+        },
         authorization: Authorization {
             sources: a.allow_sources,
             services: a.allow_services,

@@ -206,7 +206,11 @@ impl Checkpointer for ContainerSource {
     type Dump = ContainerDump;
     type Lazy = LazyPages;
 
-    fn start_lazy(&self, _images: &Path) -> Result<Option<LazyPages>, PortError> {
+    fn start_lazy(
+        &self,
+        _images: &Path,
+        _from_store: bool,
+    ) -> Result<Option<LazyPages>, PortError> {
         Ok(None)
     }
 

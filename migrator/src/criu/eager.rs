@@ -62,6 +62,11 @@ impl EagerMarks {
     fn get(&self, i: usize) -> bool {
         self.marks.get(i).copied().unwrap_or(false)
     }
+
+    /// Whether data page `i` (in the pages file's order) is marked.
+    pub fn is_marked(&self, i: usize) -> bool {
+        self.get(i)
+    }
 }
 
 /// The data-page index of each lazy run with data, as (first index, pages), in file order.

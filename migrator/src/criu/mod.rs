@@ -10,6 +10,7 @@ pub mod eager;
 pub mod images;
 pub mod lazy;
 pub mod pages;
+pub mod pageserver;
 pub mod rebuild;
 pub mod rpc;
 pub mod swrk;

@@ -191,6 +191,12 @@ pub enum PagesError {
         /// The page map file.
         pagemap: PathBuf,
     },
+    /// The page store refused a page of the final difference.
+    #[error("page store: {0}")]
+    Store(String),
+    /// A draft made for a restore served from the page store, finished as if it held every page.
+    #[error("the pages files were drafted for a restore served from the page store and hold only its hot pages")]
+    Sparse,
     /// A page sent for the final difference that the dump's page map does not list with data.
     #[error("page {vaddr:#x} of {owner} is not in the dump's page map")]
     NotInPageMap {
@@ -502,6 +508,9 @@ pub struct Totals {
     /// Of which: pages a lazy restore copies in at once (hot pages first, see
     /// [`eager`](super::eager)); 0 where no choice was made.
     pub eager: u64,
+    /// Of a draft [finished for a served restore](super::rebuild::PagesDraft::finish_served):
+    /// pages written into the pages files (the rest are served from the page store).
+    pub written: u64,
 }
 
 /// The memory images of a dump directory: every page map found in it.
@@ -912,7 +921,8 @@ mod tests {
             Totals {
                 maps: 3,
                 pages: 9,
-                eager: 0
+                eager: 0,
+                written: 0
             }
         );
         for id in 1..=3 {
@@ -1091,6 +1101,122 @@ mod tests {
             1,
             "no temporary file left"
         );
+    }
+
+    #[test]
+    fn a_served_draft_writes_only_what_the_restore_reads_itself() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // pid 1: a 2-page lazy region, a 6-page lazy region, a 2-page region CRIU never
+        // restores lazily; shared memory, restored whole by the restore.
+        write_dump(
+            d.path(),
+            Owner::Pid(1),
+            1,
+            &[
+                entry(0x1000_0000, 2, Some(PE_PRESENT | PE_LAZY)),
+                entry(0x2000_0000, 6, Some(PE_PRESENT | PE_LAZY)),
+                entry(0x3000_0000, 2, Some(PE_PRESENT)),
+            ],
+        );
+        write_dump(
+            d.path(),
+            Owner::Shmem(5),
+            2,
+            &[entry(0, 3, Some(PE_PRESENT))],
+        );
+        let got = collect(d.path());
+        let out = tempfile::tempdir().expect("tempdir");
+        copy_pagemaps(d.path(), out.path());
+        let images = MemoryImages::load(out.path()).expect("load");
+        let source = |o: Owner, a: u64| got.get(&(o, a)).map(Vec::as_slice);
+        // Drafted from a store that lacks one page of the big region, which the final
+        // difference then brings.
+        let late = 0x2000_4000u64;
+        let mut draft = images
+            .draft_sparse(out.path(), |o: Owner, a: u64| {
+                (a != late).then(|| source(o, a)).flatten()
+            })
+            .expect("draft");
+        assert_eq!(draft.missing(), 1);
+        draft
+            .patch(
+                Owner::Pid(1),
+                [(late, Some(got[&(Owner::Pid(1), late)].as_slice()))],
+            )
+            .expect("patch");
+        let totals = draft.finish_served(3, source).expect("finish");
+        // Hot: the 2-page region (smallest), then the patched page; the 2 pages not lazy and
+        // the 3 pages of shared memory are written too.
+        assert_eq!(totals.eager, 3);
+        assert_eq!(totals.written, 3 + 2 + 3);
+        let a = std::fs::read(d.path().join(pages_file_name(1))).expect("original");
+        let b = std::fs::read(out.path().join(pages_file_name(1))).expect("drafted");
+        assert_eq!(a.len(), b.len(), "the file has its full length");
+        let page = |f: &[u8], i: usize| f[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].to_vec();
+        for i in 0..10 {
+            // Data order: 0-1 small region, 2-7 big region (6 = 0x2000_4000), 8-9 not lazy.
+            let expect_written = matches!(i, 0 | 1 | 6 | 8 | 9);
+            if expect_written {
+                assert_eq!(page(&b, i), page(&a, i), "page {i} written");
+            } else {
+                assert!(page(&b, i).iter().all(|x| *x == 0), "page {i} left a hole");
+            }
+        }
+        let shm_a = std::fs::read(d.path().join(pages_file_name(2))).expect("original");
+        let shm_b = std::fs::read(out.path().join(pages_file_name(2))).expect("drafted");
+        assert_eq!(shm_a, shm_b, "shared memory written whole");
+        let map = MemoryImages::load(out.path())
+            .expect("reload")
+            .map(Owner::Pid(1))
+            .expect("pid 1")
+            .clone();
+        let runs: Vec<(u64, u64, bool)> = map
+            .entries
+            .iter()
+            .map(|e| (e.vaddr, e.nr_pages, e.lazy()))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![
+                (0x1000_0000, 2, false),
+                (0x2000_0000, 4, true),
+                (0x2000_4000, 1, false),
+                (0x2000_5000, 1, true),
+                (0x3000_0000, 2, false),
+            ],
+            "exactly the pages written are not lazy: the daemon asks for all the others"
+        );
+    }
+
+    #[test]
+    fn a_served_draft_without_its_daemon_writes_every_page_and_refuses_a_plain_finish() {
+        let d = tempfile::tempdir().expect("tempdir");
+        write_dump(
+            d.path(),
+            Owner::Pid(1),
+            1,
+            &[entry(0x2000_0000, 6, Some(PE_PRESENT | PE_LAZY))],
+        );
+        let got = collect(d.path());
+        let source = |o: Owner, a: u64| got.get(&(o, a)).map(Vec::as_slice);
+        let out = tempfile::tempdir().expect("tempdir");
+        copy_pagemaps(d.path(), out.path());
+        let images = MemoryImages::load(out.path()).expect("load");
+        let err = images
+            .draft_sparse(out.path(), source)
+            .expect("draft")
+            .finish()
+            .expect_err("a sparse draft holds holes");
+        assert!(matches!(err, PagesError::Sparse), "{err}");
+        let totals = images
+            .draft_sparse(out.path(), source)
+            .expect("draft")
+            .finish_whole(source)
+            .expect("whole");
+        assert_eq!(totals.written, 6);
+        let a = std::fs::read(d.path().join(pages_file_name(1))).expect("original");
+        let b = std::fs::read(out.path().join(pages_file_name(1))).expect("rebuilt");
+        assert!(a == b, "byte-identical to CRIU's");
     }
 
     #[test]

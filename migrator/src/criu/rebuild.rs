@@ -35,6 +35,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PagesError + '_ {
 pub struct PagesDraft {
     /// One per page map, in the maps' (owner) order.
     files: Vec<DraftFile>,
+    /// Only the pages a lazy restore copies in itself are written, at [`PagesDraft::finish_served`]:
+    /// the rest stay holes, served from the page store instead.
+    sparse: bool,
+    /// A sparse draft completed with every page ([`PagesDraft::finish_whole`]).
+    whole: bool,
     /// Paths already renamed into place by a `finish` that then failed.
     placed: Vec<PathBuf>,
 }
@@ -141,12 +146,37 @@ impl MemoryImages {
     /// Starts rebuilding every pages file into `out` (normally [`dir`](MemoryImages::dir)
     /// itself): each file gets its page map's length and every page `source` has, at its place;
     /// the others are left to [`PagesDraft::patch`]. Fails on a page of the wrong size.
-    pub fn draft_pages<'a, S>(&self, out: &Path, mut source: S) -> Result<PagesDraft, PagesError>
+    pub fn draft_pages<'a, S>(&self, out: &Path, source: S) -> Result<PagesDraft, PagesError>
+    where
+        S: FnMut(Owner, u64) -> Option<&'a [u8]>,
+    {
+        self.draft(out, source, false)
+    }
+
+    /// Starts pages files for a lazy restore whose daemon is served from the page store: the
+    /// files get their page maps' lengths but no data yet (holes cost no memory on tmpfs); what
+    /// `source` lacks is counted as missing, as in [`draft_pages`](Self::draft_pages), and
+    /// [`PagesDraft::finish_served`] writes the pages the restore itself reads.
+    pub fn draft_sparse<'a, S>(&self, out: &Path, source: S) -> Result<PagesDraft, PagesError>
+    where
+        S: FnMut(Owner, u64) -> Option<&'a [u8]>,
+    {
+        self.draft(out, source, true)
+    }
+
+    fn draft<'a, S>(
+        &self,
+        out: &Path,
+        mut source: S,
+        sparse: bool,
+    ) -> Result<PagesDraft, PagesError>
     where
         S: FnMut(Owner, u64) -> Option<&'a [u8]>,
     {
         let mut draft = PagesDraft {
             files: Vec::with_capacity(self.maps.len()),
+            sparse,
+            whole: false,
             placed: Vec::new(),
         };
         let mut run = Run::new();
@@ -190,6 +220,7 @@ impl MemoryImages {
                                 len: p.len(),
                             });
                         }
+                        Some(_) if sparse => {}
                         Some(p) => run.push(f, offset, p)?,
                     }
                     offset += PAGE;
@@ -243,7 +274,9 @@ impl PagesDraft {
                 run.flush(f)?;
                 return Err(not_listed(vaddr));
             };
-            run.push(f, offset, page)?;
+            if !self.sparse {
+                run.push(f, offset, page)?;
+            }
             f.mark_received(offset);
             if let Some(p) = f.patched.get_mut((offset / PAGE) as usize) {
                 *p = true;
@@ -286,7 +319,40 @@ impl PagesDraft {
     /// [`eager`](super::eager): the smallest regions, then the patched pages if they fit, then
     /// the pages written during pre-copy while the budget lasts). The
     /// pages files do not change; a full restore reads the same pages either way.
-    pub fn finish_hot_first(mut self, budget: u64) -> Result<Totals, PagesError> {
+    pub fn finish_hot_first(self, budget: u64) -> Result<Totals, PagesError> {
+        if self.sparse {
+            return Err(PagesError::Sparse);
+        }
+        self.complete(budget, None::<fn(Owner, u64) -> Option<&'static [u8]>>)
+    }
+
+    /// Completes a [sparse](MemoryImages::draft_sparse) draft for a lazy restore served from
+    /// the page store: fails as [`finish`](Self::finish) does if a listed page is missing, then
+    /// marks the hot pages as [`finish_hot_first`](Self::finish_hot_first) does and writes from
+    /// `source` every page the restore itself copies in (those not lazy: the hot ones, shared
+    /// memory, what CRIU never restores lazily). The lazy pages stay holes: the page server
+    /// serves them.
+    pub fn finish_served<'a, S>(self, budget: u64, source: S) -> Result<Totals, PagesError>
+    where
+        S: FnMut(Owner, u64) -> Option<&'a [u8]>,
+    {
+        self.complete(budget, Some(source))
+    }
+
+    /// Completes a [sparse](MemoryImages::draft_sparse) draft for a full restore after all
+    /// (its lazy-pages daemon is not there): writes every page from `source`.
+    pub fn finish_whole<'a, S>(mut self, source: S) -> Result<Totals, PagesError>
+    where
+        S: FnMut(Owner, u64) -> Option<&'a [u8]>,
+    {
+        self.whole = true;
+        self.complete(0, Some(source))
+    }
+
+    fn complete<'a, S>(mut self, budget: u64, source: Option<S>) -> Result<Totals, PagesError>
+    where
+        S: FnMut(Owner, u64) -> Option<&'a [u8]>,
+    {
         for f in &self.files {
             if let Some(vaddr) = f.first_missing() {
                 return Err(PagesError::MissingPage {
@@ -306,9 +372,15 @@ impl PagesDraft {
             }
         }
         let mut totals = Totals::default();
-        if budget > 0 {
-            totals.eager = self.mark_hot_first(budget)?;
+        let marks = if budget > 0 {
+            self.hot_marks(budget)
+        } else {
+            vec![None; self.files.len()]
+        };
+        if let Some(mut source) = source {
+            totals.written = self.write_restored_pages(&marks, &mut source)?;
         }
+        totals.eager = self.write_pagemaps(&marks)?;
         for f in &self.files {
             std::fs::rename(&f.tmp, &f.path).map_err(io_err(&f.path))?;
             self.placed.push(f.path.clone());
@@ -322,36 +394,91 @@ impl PagesDraft {
 }
 
 impl PagesDraft {
-    /// Rewrites the processes' page maps with their hot pages not lazy; returns how many.
-    fn mark_hot_first(&self, budget: u64) -> Result<u64, PagesError> {
-        let tasks: Vec<&DraftFile> = self
+    /// Per file, the hot pages a lazy restore copies in at once (`None`: shared memory, which a
+    /// lazy restore copies in whole anyway).
+    fn hot_marks(&self, budget: u64) -> Vec<Option<EagerMarks>> {
+        let mut marks: Vec<Option<EagerMarks>> = self
             .files
             .iter()
-            .filter(|f| matches!(f.map.owner, Owner::Pid(_)))
+            .map(|f| matches!(f.map.owner, Owner::Pid(_)).then(|| EagerMarks::new(f.patched.len())))
             .collect();
         let mut left = budget;
-        let mut marks: Vec<EagerMarks> = tasks
-            .iter()
-            .map(|f| EagerMarks::new(f.patched.len()))
-            .collect();
-        for (f, m) in tasks.iter().zip(marks.iter_mut()) {
-            eager::mark_small_regions(&f.map, m, &mut left);
-        }
-        for (f, m) in tasks.iter().zip(marks.iter_mut()) {
-            eager::mark_hot(&f.map, m, &mut left, |i| {
-                f.patched.get(i).copied().unwrap_or(false)
-            });
-        }
-        for (f, m) in tasks.iter().zip(marks.iter_mut()) {
-            eager::mark_while(&f.map, m, &mut left, |i| {
-                f.recent.get(i).copied().unwrap_or(false)
-            });
-        }
-        let mut total = 0;
-        for (f, m) in tasks.iter().zip(&marks) {
-            if m.count == 0 {
-                continue;
+        for (f, m) in self.files.iter().zip(marks.iter_mut()) {
+            if let Some(m) = m {
+                eager::mark_small_regions(&f.map, m, &mut left);
             }
+        }
+        for (f, m) in self.files.iter().zip(marks.iter_mut()) {
+            if let Some(m) = m {
+                eager::mark_hot(&f.map, m, &mut left, |i| {
+                    f.patched.get(i).copied().unwrap_or(false)
+                });
+            }
+        }
+        for (f, m) in self.files.iter().zip(marks.iter_mut()) {
+            if let Some(m) = m {
+                eager::mark_while(&f.map, m, &mut left, |i| {
+                    f.recent.get(i).copied().unwrap_or(false)
+                });
+            }
+        }
+        marks
+    }
+
+    /// Writes the pages a lazy restore reads from the pages files (every page of an entry that
+    /// is not lazy, and the marked ones); returns how many.
+    fn write_restored_pages<'a, S>(
+        &self,
+        marks: &[Option<EagerMarks>],
+        source: &mut S,
+    ) -> Result<u64, PagesError>
+    where
+        S: FnMut(Owner, u64) -> Option<&'a [u8]>,
+    {
+        let mut written = 0;
+        for (f, m) in self.files.iter().zip(marks) {
+            let mut run = Run::new();
+            let mut index = 0usize;
+            for (i, e) in f.map.entries.iter().enumerate() {
+                if !e.has_data() {
+                    continue;
+                }
+                let whole = self.whole || !e.lazy() || m.is_none();
+                for (k, vaddr) in e.pages().enumerate() {
+                    let at = index + k;
+                    if !whole && !m.as_ref().is_some_and(|m| m.is_marked(at)) {
+                        continue;
+                    }
+                    let page = source(f.map.owner, vaddr).ok_or(PagesError::MissingPage {
+                        owner: f.map.owner,
+                        vaddr,
+                        missing: 1,
+                        pagemap: f.pagemap.clone(),
+                    })?;
+                    if page.len() != PAGE_SIZE {
+                        return Err(PagesError::BadPage {
+                            owner: f.map.owner,
+                            vaddr,
+                            len: page.len(),
+                        });
+                    }
+                    run.push(f, f.offsets[i] + (k as u64) * PAGE, page)?;
+                    written += 1;
+                }
+                index += e.nr_pages as usize;
+            }
+            run.flush(f)?;
+        }
+        Ok(written)
+    }
+
+    /// Rewrites the processes' page maps with their marked pages not lazy; returns how many.
+    fn write_pagemaps(&self, marks: &[Option<EagerMarks>]) -> Result<u64, PagesError> {
+        let mut total = 0;
+        for (f, m) in self.files.iter().zip(marks) {
+            let Some(m) = m.as_ref().filter(|m| m.count > 0) else {
+                continue;
+            };
             let image = pagemap_image(f.map.pages_id, &eager::entries_with(&f.map, m));
             let dir = f.path.parent().unwrap_or(Path::new("."));
             let path = dir.join(&f.map.pagemap_file);

@@ -163,6 +163,14 @@ impl LazyServer for LazyPages {
         LazyPages::detach(self)
     }
 
+    fn asks_for_pages(&self) -> bool {
+        LazyPages::asks_for_pages(self)
+    }
+
+    fn serve(&mut self, store: crate::pagestore::PageStore) -> Result<(), PortError> {
+        LazyPages::serve(self, store).map_err(criu_err("the lazy restore's page server"))
+    }
+
     async fn wait(&mut self) -> Result<Duration, PortError> {
         LazyPages::wait(self)
             .await
@@ -174,12 +182,12 @@ impl Checkpointer for CriuTree {
     type Dump = TreeDump;
     type Lazy = LazyPages;
 
-    fn start_lazy(&self, images: &Path) -> Result<Option<LazyPages>, PortError> {
+    fn start_lazy(&self, images: &Path, from_store: bool) -> Result<Option<LazyPages>, PortError> {
         if !self.lazy {
             return Ok(None);
         }
         self.criu
-            .start_lazy_pages(images)
+            .start_lazy_pages(images, from_store)
             .map(Some)
             .map_err(criu_err("starting the lazy-pages daemon"))
     }

@@ -89,6 +89,20 @@ pub struct AgentConfig {
     /// With a lazy restore, pages copied in at once, hot pages first (see
     /// [`crate::criu::eager`]); 0: none beyond CRIU's own.
     pub hot_first_pages: u64,
+    /// With a lazy restore, where the lazy-pages daemon gets the rest of memory.
+    pub lazy_pages_from: LazySource,
+}
+
+/// Where a lazy restore's daemon gets the pages it fills in (see [`crate::criu::lazy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LazySource {
+    /// From the page store, through a forked page server: no pages file holding all of memory
+    /// is written while the service is down.
+    #[default]
+    Store,
+    /// From pages files rebuilt whole from the store and the final difference.
+    Files,
 }
 
 /// Whether the agent restores memory lazily: the service runs as soon as its mappings exist and
@@ -845,18 +859,26 @@ where
     }
 
     /// Whether the restore can be lazy: a lazy-pages daemon was started and serves in time
-    /// (one that does not is dropped, and the restore copies all memory in).
-    async fn lazy_ready(&mut self) -> bool {
+    /// (one that does not is dropped, and the restore copies all memory in). A daemon served
+    /// from the page store cannot be dropped: the pages files lack what it was to serve, and a
+    /// full restore from them would read zeros; that is an error.
+    async fn lazy_ready(&mut self) -> Result<bool, PortError> {
         let Some(d) = self.lazy.as_mut() else {
-            return false;
+            return Ok(false);
         };
         match LazyServer::ready(d, LAZY_READY_TIMEOUT).await {
-            Ok(()) => true,
+            Ok(()) => Ok(true),
+            Err(e) if LazyServer::asks_for_pages(d) => Err(PortError::new(
+                ErrorCode::Checkpoint,
+                format!(
+                    "the lazy restore cannot run, and the pages files hold only its hot pages: {e}"
+                ),
+            )),
             Err(e) => {
                 warn!("restoring fully: {e}");
                 self.lazy = None;
                 self.record.lazy_daemon = None;
-                false
+                Ok(false)
             }
         }
     }
@@ -1024,10 +1046,6 @@ where
                 }
             }
             AgentAction::StartRebuild => {
-                if let Err(e) = self.receiver().and_then(Receiver::start_rebuild) {
-                    machine.handle(now(), AgentEvent::DataFailed(Phase::Transfer, e));
-                    return;
-                }
                 // The lazy-pages daemon reads the process tree from the image files, all here
                 // now, and has its start-up done before the restore (a container's too, if it
                 // was staged so that its runtime's restore can be lazy).
@@ -1038,7 +1056,8 @@ where
                 {
                     Ok(None)
                 } else {
-                    self.shared.ckpt.start_lazy(&self.record.images)
+                    let from_store = self.shared.cfg.lazy_pages_from == LazySource::Store;
+                    self.shared.ckpt.start_lazy(&self.record.images, from_store)
                 };
                 match lazy {
                     Ok(Some(d)) => {
@@ -1050,6 +1069,10 @@ where
                     }
                     Ok(None) => {}
                     Err(e) => warn!("no lazy restore this time: {e}"),
+                }
+                let served = self.lazy.as_ref().is_some_and(LazyServer::asks_for_pages);
+                if let Err(e) = self.receiver().and_then(|r| r.start_rebuild(served)) {
+                    machine.handle(now(), AgentEvent::DataFailed(Phase::Transfer, e));
                 }
             }
             AgentAction::StoreFinal(batch) => {
@@ -1064,9 +1087,34 @@ where
                 } else {
                     0
                 };
+                // A daemon that is to ask for its pages must be there to be served; if it is
+                // not, every page is written and the restore copies them all in.
+                let serve = match self.lazy.as_mut() {
+                    Some(d) if LazyServer::asks_for_pages(d) => {
+                        match LazyServer::ready(d, LAZY_READY_TIMEOUT).await {
+                            Ok(()) => true,
+                            Err(e) => {
+                                warn!("restoring fully: {e}");
+                                self.lazy = None;
+                                self.record.lazy_daemon = None;
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                };
                 let r = match self.receiver() {
-                    Ok(r) => r.finish_rebuild(hot_first).await,
+                    Ok(r) => r.finish_rebuild(hot_first, serve).await,
                     Err(e) => Err(e),
+                };
+                let r = match (r, self.lazy.as_mut()) {
+                    (Ok(Some(store)), Some(d)) => LazyServer::serve(d, store),
+                    (Ok(Some(_)), None) => Err(PortError::new(
+                        ErrorCode::Internal,
+                        "a page store to serve and no lazy-pages daemon",
+                    )),
+                    (Ok(None), _) => Ok(()),
+                    (Err(e), _) => Err(e),
                 };
                 machine.handle(now(), AgentEvent::Rebuilt(r));
             }
@@ -1078,7 +1126,13 @@ where
                     machine.handle(now(), AgentEvent::Restored(Err(e)));
                     return;
                 };
-                let lazy = self.lazy_ready().await;
+                let lazy = match self.lazy_ready().await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        machine.handle(now(), AgentEvent::Restored(Err(e)));
+                        return;
+                    }
+                };
                 let images = self.record.images.clone();
                 let held_bytes = self.receiver.as_ref().map(Receiver::peak);
                 let metrics = self.shared.metrics.clone();
@@ -1096,7 +1150,13 @@ where
                 });
             }
             AgentAction::Restore => {
-                let lazy = self.lazy_ready().await;
+                let lazy = match self.lazy_ready().await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        machine.handle(now(), AgentEvent::Restored(Err(e)));
+                        return;
+                    }
+                };
                 let ckpt = self.shared.ckpt.clone();
                 let images = self.record.images.clone();
                 let children = self.shared.children.clone();

@@ -37,6 +37,9 @@ pub struct Receiver {
     /// From `FinalPages` on: the dump's page maps and the rebuild writing the held pages.
     images: Option<MemoryImages>,
     draft: Option<tokio::task::JoinHandle<DraftResult>>,
+    /// For a restore served from the page store: the pages files, holes until the hot pages
+    /// are written; the final difference goes into the store as it comes.
+    sparse: Option<PagesDraft>,
     final_pages: Vec<(Owner, PageBatch)>,
     metrics: Arc<AgentMetrics>,
     /// The most image bytes (files plus page data) this migration may bring.
@@ -49,6 +52,8 @@ pub struct Receiver {
     rebuilt_bytes: u64,
     /// Page data of the final difference held until the rebuild patches it in.
     final_bytes: u64,
+    /// The page store's memory while the page server holds it (a served restore), bytes.
+    lent_store: u64,
     /// The most memory held at once so far (the most `account` charged), bytes.
     peak: u64,
 }
@@ -74,6 +79,7 @@ impl Receiver {
             file: None,
             images: None,
             draft: None,
+            sparse: None,
             final_pages: Vec::new(),
             metrics,
             max_bytes,
@@ -82,13 +88,15 @@ impl Receiver {
             rebuilt_bytes: 0,
             peak: 0,
             final_bytes: 0,
+            lent_store: 0,
         })
     }
 
     /// Charges what this migration holds now to the host's budget.
     fn account(&mut self) -> Result<(), PortError> {
         let store = self.store.as_ref().map_or(0, PageStore::memory);
-        let held = store + self.file_bytes + self.rebuilt_bytes + self.final_bytes;
+        let held =
+            store + self.lent_store + self.file_bytes + self.rebuilt_bytes + self.final_bytes;
         self.peak = self.peak.max(held);
         self.budget.set(held).map_err(limit)
     }
@@ -175,8 +183,11 @@ impl Receiver {
 
     /// The page maps are in: the final difference may carry pages of the dump's page maps only.
     /// Starts writing CRIU's page files from the held pages on a blocking thread, while the
-    /// source still compares its dump.
-    pub fn start_rebuild(&mut self) -> Result<(), PortError> {
+    /// source still compares its dump. With `served` (a lazy restore whose daemon asks the page
+    /// store for its pages), the files get their lengths and stay holes, and the final
+    /// difference goes into the store as it comes; [`finish_rebuild`](Self::finish_rebuild)
+    /// writes the hot pages and hands the store over.
+    pub fn start_rebuild(&mut self, served: bool) -> Result<(), PortError> {
         self.file = None;
         let images = MemoryImages::load(&self.dir).map_err(|e| data("the dump's page maps", e))?;
         // The page maps come from the peer: what they declare is bounded before anything is
@@ -184,13 +195,15 @@ impl Receiver {
         let declared = images
             .data_len_within(self.max_bytes.saturating_sub(self.file_bytes))
             .map_err(|e| limit(format!("{e} (--max-image-mib, with the image files)")))?;
-        self.rebuilt_bytes = declared;
+        // Served: the pages files are holes but for the pages the restore reads itself, counted
+        // when they are written.
+        self.rebuilt_bytes = if served { 0 } else { declared };
         // The store is still counted here, beside the pages files the rebuild writes from it:
         // the peak while both are held.
         self.account()?;
-        let mut store = self
+        let store = self
             .store
-            .take()
+            .as_mut()
             .ok_or_else(|| data("final pages", "twice"))?;
         for map in &images.maps {
             let ranges = merge_ranges(
@@ -203,20 +216,45 @@ impl Receiver {
                 .announce(map.owner.code(), ranges)
                 .map_err(|e| data("page maps", e))?;
         }
+        let recent = |store: &PageStore| {
+            store
+                .rewritten_pages()
+                .filter_map(|(owner, vaddr)| Some((Owner::from_code(owner)?, vaddr)))
+                .collect::<Vec<_>>()
+        };
+        if served {
+            // Nothing is written: one look-up per page, to count what is missing.
+            let t = Instant::now();
+            let mut d = images
+                .draft_sparse(&self.dir, |owner: Owner, vaddr| {
+                    store.get(owner.code(), vaddr)
+                })
+                .map_err(|e| PortError::caused(ErrorCode::Storage, "rebuild", e))?;
+            d.mark_recent(recent(store));
+            info!(
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                missing = d.missing(),
+                "pages files drafted for a restore served from the page store"
+            );
+            self.sparse = Some(d);
+            self.images = Some(images);
+            return Ok(());
+        }
+        let store = self
+            .store
+            .take()
+            .ok_or_else(|| data("final pages", "twice"))?;
         let (maps, dir) = (images.clone(), self.dir.clone());
-        self.draft =
-            Some(tokio::task::spawn_blocking(move || {
-                let t = Instant::now();
-                let d =
-                    maps.draft_pages(&dir, |owner, vaddr| store.get(owner.code(), vaddr))
-                        .map(|mut d| {
-                            d.mark_recent(store.rewritten_pages().filter_map(|(owner, vaddr)| {
-                                Some((Owner::from_code(owner)?, vaddr))
-                            }));
-                            d
-                        });
-                (d, t.elapsed())
-            }));
+        self.draft = Some(tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let d = maps
+                .draft_pages(&dir, |owner, vaddr| store.get(owner.code(), vaddr))
+                .map(|mut d| {
+                    d.mark_recent(recent(&store));
+                    d
+                });
+            (d, t.elapsed())
+        }));
         self.images = Some(images);
         Ok(())
     }
@@ -240,8 +278,17 @@ impl Receiver {
             ));
         }
         let n = batch.pages.len() as u64;
-        self.final_pages.push((owner, batch));
-        self.final_bytes += n * crate::protocol::PAGE as u64;
+        if let (Some(d), Some(store)) = (self.sparse.as_mut(), self.store.as_mut()) {
+            store.apply(&batch).map_err(|e| match e {
+                StoreError::Full { .. } => limit(format!("final pages: {e}")),
+                e => data("final pages", e),
+            })?;
+            d.patch(owner, batch.pages.iter().map(|(a, p)| (*a, p.as_deref())))
+                .map_err(|e| data("final pages", e))?;
+        } else {
+            self.final_pages.push((owner, batch));
+            self.final_bytes += n * crate::protocol::PAGE as u64;
+        }
         self.account()?;
         self.metrics.final_pages_total.add(n);
         self.metrics
@@ -253,7 +300,19 @@ impl Receiver {
     /// Completes CRIU's page files with the final difference; a page the dump needs and nobody
     /// sent fails here. With `hot_first` pages above 0, the page maps mark that many hot pages
     /// for a lazy restore to copy in at once ([`crate::criu::eager`]).
-    pub async fn finish_rebuild(&mut self, hot_first: u64) -> Result<(), PortError> {
+    ///
+    /// A rebuild [started served](Self::start_rebuild), with `serve`, writes only the pages the
+    /// lazy restore reads itself and returns the page store, whose pages the lazy-pages daemon
+    /// must get from now on; without `serve` (the daemon is not there after all) it writes every
+    /// page, as an ordinary rebuild.
+    pub async fn finish_rebuild(
+        &mut self,
+        hot_first: u64,
+        serve: bool,
+    ) -> Result<Option<PageStore>, PortError> {
+        if let Some(draft) = self.sparse.take() {
+            return self.finish_served(draft, hot_first, serve).await;
+        }
         let t = Instant::now();
         let task = self
             .draft
@@ -292,7 +351,50 @@ impl Receiver {
             ms = t.elapsed().as_secs_f64() * 1e3,
             "page data rebuilt"
         );
-        Ok(())
+        Ok(None)
+    }
+
+    async fn finish_served(
+        &mut self,
+        draft: PagesDraft,
+        hot_first: u64,
+        serve: bool,
+    ) -> Result<Option<PageStore>, PortError> {
+        let t = Instant::now();
+        let store = self
+            .store
+            .take()
+            .ok_or_else(|| data("images done", "twice"))?;
+        let (totals, store) = tokio::task::spawn_blocking(move || {
+            let held = |owner: Owner, vaddr| store.get(owner.code(), vaddr);
+            let totals = if serve {
+                draft.finish_served(hot_first, held)
+            } else {
+                draft.finish_whole(held)
+            };
+            (totals, store)
+        })
+        .await
+        .map_err(|e| {
+            PortError::new(
+                ErrorCode::Internal,
+                format!("the rebuild thread failed: {e}"),
+            )
+        })?;
+        let totals =
+            totals.map_err(|e| PortError::new(ErrorCode::Protocol, format!("rebuild: {e}")))?;
+        self.rebuilt_bytes = totals.written * crate::protocol::PAGE as u64;
+        // Held by the page server from now on (this process drops its copy), until the fill
+        // ends: still this migration's.
+        self.lent_store = if serve { store.memory() } else { 0 };
+        self.account()?;
+        info!(
+            ?totals,
+            served = serve,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "page data written"
+        );
+        Ok(serve.then_some(store))
     }
 
     /// Waits for a rebuild thread still writing into the directory (before it is removed).

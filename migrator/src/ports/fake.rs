@@ -164,6 +164,14 @@ impl LazyServer for FakeLazy {
 
     fn detach(&mut self) {}
 
+    fn asks_for_pages(&self) -> bool {
+        false
+    }
+
+    fn serve(&mut self, _store: crate::pagestore::PageStore) -> Result<(), PortError> {
+        Ok(())
+    }
+
     async fn wait(&mut self) -> Result<Duration, PortError> {
         Ok(Duration::ZERO)
     }
@@ -173,7 +181,7 @@ impl Checkpointer for FakeCheckpointer {
     type Dump = FakeDump;
     type Lazy = FakeLazy;
 
-    fn start_lazy(&self, _images: &Path) -> Result<Option<FakeLazy>, PortError> {
+    fn start_lazy(&self, _images: &Path, _from_store: bool) -> Result<Option<FakeLazy>, PortError> {
         Ok(None)
     }
 

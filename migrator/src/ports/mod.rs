@@ -71,6 +71,11 @@ pub trait LazyServer: Send + 'static {
     ) -> impl Future<Output = Result<(), PortError>> + Send;
     /// From now on it outlives its handle: the service it fills is committed.
     fn detach(&mut self);
+    /// Whether it asks for its pages (to be answered from the page store, see
+    /// [`LazyServer::serve`]) rather than reading complete pages files.
+    fn asks_for_pages(&self) -> bool;
+    /// Answers its page requests from `store` from now on (it was started `from_store`).
+    fn serve(&mut self, store: crate::pagestore::PageStore) -> Result<(), PortError>;
     /// Waits until every page is in place; returns how long it ran.
     fn wait(&mut self) -> impl Future<Output = Result<std::time::Duration, PortError>> + Send;
 }
@@ -83,8 +88,10 @@ pub trait Checkpointer: Send + Sync + 'static {
     /// A lazy-pages server.
     type Lazy: LazyServer;
 
-    /// Starts a lazy-pages server for the image set in `images`, if restores here are lazy.
-    fn start_lazy(&self, images: &Path) -> Result<Option<Self::Lazy>, PortError>;
+    /// Starts a lazy-pages server for the image set in `images`, if restores here are lazy;
+    /// with `from_store` it will ask for its pages from the page store ([`LazyServer::serve`])
+    /// instead of reading pages files.
+    fn start_lazy(&self, images: &Path, from_store: bool) -> Result<Option<Self::Lazy>, PortError>;
 
     /// The unit's root process here, for pre-copy's scans of its memory.
     fn root_pid(&self) -> i32;
