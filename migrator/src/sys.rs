@@ -268,6 +268,30 @@ impl Drop for Nftables {
     }
 }
 
+/// Creates (or truncates) `name` in the directory `dir`, write-only, mode 0600. Allocates
+/// nothing (for [`fork_child`]'s children).
+pub fn create_at(
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain openat(2) with a valid directory descriptor and a NUL-terminated name; the
+    // returned descriptor is checked and then owned.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh, valid descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Runs `f` in a forked copy of this process, in a process group of its own, and returns the
 /// child's pid. The child gets `fds` as descriptors 3, 4, ... (passed to `f` in that order),
 /// `/dev/null` as its standard streams, and no other descriptor of this process; its signal

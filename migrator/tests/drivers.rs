@@ -232,6 +232,7 @@ fn in_doubt(work: &Path, id: &MigrationId, svc: &str) -> agent::AgentRecord {
         source: "src".into(),
         container: None,
         container_id: None,
+        served_pages: None,
     }
 }
 

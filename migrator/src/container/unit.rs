@@ -292,9 +292,12 @@ impl Checkpointer for ContainerSource {
         pid: i32,
         start: u64,
         lazy: Option<(i32, u64)>,
+        served: Option<u64>,
         images: &Path,
     ) -> bool {
-        self.tree.restored_intact(pid, start, lazy, images).await
+        self.tree
+            .restored_intact(pid, start, lazy, served, images)
+            .await
     }
 }
 

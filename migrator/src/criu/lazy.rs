@@ -34,11 +34,23 @@ use crate::pagestore::PageStore;
 const SOCKET: &str = "lazy-pages.socket";
 /// The daemon's log, in the images directory.
 pub const LOG: &str = "lazy-pages.log";
+/// Where the page server leaves its [`Outcome`] record as it exits, in the images directory:
+/// what a restarted agent reads to tell a filled-in copy from one whose fill broke off.
+pub const SERVED: &str = "page-server.outcome";
+const SERVED_C: &std::ffi::CStr = c"page-server.outcome";
 
 /// Whether `name` is one of the daemon's own files in the images directory: a source must not
-/// send such a file (it would pose as the daemon's socket or overwrite its log).
+/// send such a file (it would pose as the daemon's socket, overwrite its log, or claim a fill
+/// that never happened).
 pub fn is_daemon_file(name: &str) -> bool {
-    name == SOCKET || name == LOG
+    name == SOCKET || name == LOG || name == SERVED
+}
+
+/// The outcome the page server of the image set in `images` left, if it has exited.
+pub fn served_outcome(images: &Path) -> Option<Outcome> {
+    let data = std::fs::read(images.join(SERVED)).ok()?;
+    let record: [u8; OUTCOME_LEN] = data.as_slice().try_into().ok()?;
+    pageserver::decode_outcome(&record)
 }
 
 impl Criu {
@@ -178,11 +190,12 @@ impl LazyPages {
             detail: "the daemon was not started to ask for its pages, or is served already".into(),
         })?;
         let daemon = self.child.id().and_then(|p| i32::try_from(p).ok());
+        let dir = std::fs::File::open(&self.images).map_err(CriuError::Spawn)?;
         let thread = std::thread::Builder::new()
             .name("page-server".into())
             .spawn(move || {
                 let t = Instant::now();
-                let forked = start_server(sock, store);
+                let forked = start_server(sock, store, OwnedFd::from(dir));
                 match forked {
                     Ok((pid, outcome)) => {
                         info!(
@@ -290,11 +303,12 @@ impl LazyPages {
 }
 
 /// Forks the page server: it answers on `sock` from `store` and writes its outcome to the pipe
-/// whose reading end is returned with its pid. This process's copy of `store` and of `sock` is
-/// dropped before returning.
-fn start_server(sock: OwnedFd, store: PageStore) -> std::io::Result<(i32, OwnedFd)> {
+/// whose reading end is returned with its pid, and to [`SERVED`] in the directory `dir`. This
+/// process's copy of `store` and of `sock` is dropped before returning.
+fn start_server(sock: OwnedFd, store: PageStore, dir: OwnedFd) -> std::io::Result<(i32, OwnedFd)> {
     let (outcome_r, outcome_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let pid = crate::sys::fork_child([sock.as_fd(), outcome_w.as_fd()], |[sock, out]| {
+    let fds = [sock.as_fd(), outcome_w.as_fd(), dir.as_fd()];
+    let pid = crate::sys::fork_child(fds, |[sock, out, dir]| {
         // In the forked child: no allocation, no drop of what the agent owned (see
         // `fork_child`). The store is read in place, shared with the agent copy-on-write.
         let store = ManuallyDrop::new(store);
@@ -303,6 +317,9 @@ fn start_server(sock: OwnedFd, store: PageStore) -> std::io::Result<(i32, OwnedF
             store.get(owner.code(), vaddr)
         });
         let record = pageserver::encode_outcome(&outcome);
+        if let Ok(f) = crate::sys::create_at(dir.as_fd(), SERVED_C) {
+            let _ = std::io::Write::write_all(&mut std::fs::File::from(f), &record);
+        }
         let mut out = std::fs::File::from(out);
         let _ = std::io::Write::write_all(&mut out, &record);
         i32::from(outcome.is_err())
@@ -338,7 +355,9 @@ mod tests {
             .collect();
         store.apply(&PageBatch { owner: 5, pages }).expect("apply");
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-        let (pid, outcome) = start_server(OwnedFd::from(ours), store).expect("fork");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = OwnedFd::from(std::fs::File::open(dir.path()).expect("open dir"));
+        let (pid, outcome) = start_server(OwnedFd::from(ours), store, d).expect("fork");
         let mut daemon = theirs;
         daemon
             .write_all(&Header::get(5, 0x10000, 64).encode())
@@ -364,12 +383,15 @@ mod tests {
         std::fs::File::from(outcome)
             .read_exact(&mut record)
             .expect("outcome");
+        let want = Some(Ok(ServeStats {
+            requests: 1,
+            pages: 64,
+        }));
+        assert_eq!(pageserver::decode_outcome(&record), want);
         assert_eq!(
-            pageserver::decode_outcome(&record),
-            Some(Ok(ServeStats {
-                requests: 1,
-                pages: 64
-            }))
+            served_outcome(dir.path()),
+            want,
+            "left in the images directory too"
         );
     }
 
@@ -378,7 +400,9 @@ mod tests {
     fn a_forked_server_exits_when_its_daemon_goes() {
         let store = PageStore::new(1 << 20);
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-        let (pid, outcome) = start_server(OwnedFd::from(ours), store).expect("fork");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = OwnedFd::from(std::fs::File::open(dir.path()).expect("open dir"));
+        let (pid, outcome) = start_server(OwnedFd::from(ours), store, d).expect("fork");
         drop(theirs);
         let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("wait");
         assert_eq!(

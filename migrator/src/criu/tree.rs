@@ -323,6 +323,7 @@ impl Checkpointer for CriuTree {
         pid: i32,
         start: u64,
         lazy: Option<(i32, u64)>,
+        served: Option<u64>,
         images: &Path,
     ) -> bool {
         if process_start_time(pid) != Some(start) {
@@ -331,6 +332,28 @@ impl Checkpointer for CriuTree {
         match lazy {
             None => true,
             Some((d, s)) if process_start_time(d) == Some(s) => true,
+            // Served from the page store: the images hold holes where the lazy pages were, so
+            // the memory cannot be compared with them; the page server's own account says
+            // whether it served them all.
+            Some(_) if served.is_some() => {
+                let expected = served.unwrap_or(0);
+                match super::lazy::served_outcome(images) {
+                    Some(Ok(stats)) if stats.pages >= expected => {
+                        info!(
+                            pages = stats.pages,
+                            expected, "the restored copy's memory was all served"
+                        );
+                        true
+                    }
+                    other => {
+                        warn!(
+                            ?other,
+                            expected, "the restored copy's memory fill did not complete"
+                        );
+                        false
+                    }
+                }
+            }
             // The daemon is gone: it finished filling the memory in, or died half-way (the
             // kernel then dropped the userfaultfd, and missing pages would read as zeros).
             // CRIU does not record which; the memory says.
@@ -531,5 +554,56 @@ mod tests {
         let v = verify_restored_memory(dir.path(), me).expect("verify");
         assert_eq!((v.pages, v.differing, v.missing), (1, 1, 1));
         std::hint::black_box(&buf);
+    }
+
+    /// A copy whose lazy pages came from the page store is whole once its daemon is gone only if
+    /// the page server says it served them all: the images hold holes where they were.
+    #[tokio::test]
+    async fn a_served_copy_is_whole_only_if_its_server_served_every_page() {
+        use crate::criu::pageserver::{encode_outcome, ServeError, ServeStats};
+        let tree = CriuTree::destination(
+            Criu {
+                path: PathBuf::from("/nonexistent/criu"),
+                log_level: 2,
+            },
+            true,
+        );
+        let me = std::process::id() as i32;
+        let start = process_start_time(me).expect("own start time");
+        let gone_daemon = Some((i32::MAX, 1));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let intact = |served| tree.restored_intact(me, start, gone_daemon, served, dir.path());
+        assert!(!intact(Some(10)).await, "no account from the server");
+        let write = |o| {
+            std::fs::write(
+                dir.path().join(crate::criu::lazy::SERVED),
+                encode_outcome(&o),
+            )
+            .expect("write outcome")
+        };
+        write(Ok(ServeStats {
+            requests: 2,
+            pages: 5,
+        }));
+        assert!(!intact(Some(10)).await, "5 of 10 pages served");
+        write(Err((
+            ServeError::Hangup,
+            ServeStats {
+                requests: 9,
+                pages: 10,
+            },
+        )));
+        assert!(!intact(Some(10)).await, "the server failed");
+        write(Ok(ServeStats {
+            requests: 3,
+            pages: 10,
+        }));
+        assert!(intact(Some(10)).await, "every page served");
+        let alive_daemon = Some((me, start));
+        assert!(
+            tree.restored_intact(me, start, alive_daemon, Some(10), dir.path())
+                .await,
+            "a daemon still running fills the rest"
+        );
     }
 }

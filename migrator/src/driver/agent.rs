@@ -163,6 +163,10 @@ pub struct AgentRecord {
     /// The container staged here for its restore (Podman's id): removed by an undo.
     #[serde(default)]
     pub container_id: Option<String>,
+    /// With a lazy restore served from the page store: the pages its daemon must get from the
+    /// page server (what the pages files lack).
+    #[serde(default)]
+    pub served_pages: Option<u64>,
 }
 
 type AgentJournal = FileJournal<AgentRecord, AgentOutcome>;
@@ -566,6 +570,7 @@ where
                 source: peer.clone(),
                 container,
                 container_id: None,
+                served_pages: None,
             };
             let m = AgentMachine::new(shared.machine, service_addr, Instant::now());
             let _g = span.enter();
@@ -1107,8 +1112,14 @@ where
                     Ok(r) => r.finish_rebuild(hot_first, serve).await,
                     Err(e) => Err(e),
                 };
+                let served_pages = self.receiver.as_ref().and_then(Receiver::served_pages);
                 let r = match (r, self.lazy.as_mut()) {
-                    (Ok(Some(store)), Some(d)) => LazyServer::serve(d, store),
+                    (Ok(Some(store)), Some(d)) => {
+                        // Journaled before the restore (the restore's own journal write
+                        // follows): a restarted agent checks the fill against it.
+                        self.record.served_pages = served_pages;
+                        LazyServer::serve(d, store)
+                    }
                     (Ok(Some(_)), None) => Err(PortError::new(
                         ErrorCode::Internal,
                         "a page store to serve and no lazy-pages daemon",
@@ -1319,10 +1330,11 @@ where
                 // memory never came: it must not run (see `restored_intact`).
                 let ckpt = self.shared.ckpt.clone();
                 let (restored, lazy) = (self.record.restored, self.record.lazy_daemon);
+                let served = self.record.served_pages;
                 let images = self.record.images.clone();
                 tokio::spawn(async move {
                     let intact = match restored {
-                        Some((p, s)) => ckpt.restored_intact(p, s, lazy, &images).await,
+                        Some((p, s)) => ckpt.restored_intact(p, s, lazy, served, &images).await,
                         None => false,
                     };
                     emit(AgentEvent::CopyAlive(intact));

@@ -52,6 +52,9 @@ pub struct Receiver {
     rebuilt_bytes: u64,
     /// Page data of the final difference held until the rebuild patches it in.
     final_bytes: u64,
+    /// With a restore served from the page store: the pages the pages files lack, which the
+    /// lazy-pages daemon must get from the page server.
+    served_pages: Option<u64>,
     /// The page store's memory while the page server holds it (a served restore), bytes.
     lent_store: u64,
     /// The most memory held at once so far (the most `account` charged), bytes.
@@ -89,6 +92,7 @@ impl Receiver {
             peak: 0,
             final_bytes: 0,
             lent_store: 0,
+            served_pages: None,
         })
     }
 
@@ -384,6 +388,7 @@ impl Receiver {
         let totals =
             totals.map_err(|e| PortError::new(ErrorCode::Protocol, format!("rebuild: {e}")))?;
         self.rebuilt_bytes = totals.written * crate::protocol::PAGE as u64;
+        self.served_pages = serve.then(|| totals.pages.saturating_sub(totals.written));
         // Held by the page server from now on (this process drops its copy), until the fill
         // ends: still this migration's.
         self.lent_store = if serve { store.memory() } else { 0 };
@@ -395,6 +400,12 @@ impl Receiver {
             "page data written"
         );
         Ok(serve.then_some(store))
+    }
+
+    /// With a restore served from the page store (after [`finish_rebuild`](Self::finish_rebuild)):
+    /// how many pages the lazy-pages daemon must get from the page server.
+    pub fn served_pages(&self) -> Option<u64> {
+        self.served_pages
     }
 
     /// Waits for a rebuild thread still writing into the directory (before it is removed).

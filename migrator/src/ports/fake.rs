@@ -263,6 +263,7 @@ impl Checkpointer for FakeCheckpointer {
         pid: i32,
         start: u64,
         _lazy: Option<(i32, u64)>,
+        _served: Option<u64>,
         _images: &Path,
     ) -> bool {
         self.alive(pid, start)

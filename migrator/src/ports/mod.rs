@@ -142,12 +142,15 @@ pub trait Checkpointer: Send + Sync + 'static {
     /// Whether a tree restored stopped (root `pid`, started at `start`) is still whole, for an
     /// agent that finds it after a restart: it exists, and its memory is all in place: its
     /// lazy-pages server (`lazy`, if it had one) still runs, or every page of `images` is in
-    /// its memory (the tree has not run since the restore, so nothing else may differ).
+    /// its memory (the tree has not run since the restore, so nothing else may differ). With
+    /// `served` (its lazy pages came from the page store, so `images` holds only the pages the
+    /// restore read itself), the page server must have served at least that many pages.
     fn restored_intact(
         &self,
         pid: i32,
         start: u64,
         lazy: Option<(i32, u64)>,
+        served: Option<u64>,
         images: &Path,
     ) -> impl Future<Output = bool> + Send;
 }
