@@ -328,13 +328,18 @@ pub async fn final_difference(
             sent: 0,
             zero: 0,
         };
-        let mut dumped = 0u64;
-        // Pages come in file order, which CRIU does not sort by address: batch per owner in
-        // increasing address order, as the batch format requires.
-        let mut pending: Vec<(u64, u64, Option<Vec<u8>>)> = Vec::new();
-        images.for_each_page(
-            |owner: Owner, vaddr, data: &[u8; 4096]| -> Result<(), TransferError> {
-                dumped += 1;
+        // Read back and compared on every core (the tree is frozen: this is downtime). Pages
+        // come in no particular order: batch per owner in increasing address order, as the
+        // batch format requires.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let (parts, totals) = images.par_for_each_page(
+            threads,
+            Vec::new,
+            |pending: &mut Vec<(u64, u64, Option<Vec<u8>>)>,
+             owner: Owner,
+             vaddr,
+             data: &[u8; 4096]|
+             -> Result<(), TransferError> {
                 let code = owner.code();
                 let hash = procmem::page_hash(data);
                 if tracker.held.get(&(code, vaddr)) != Some(&hash) {
@@ -344,6 +349,8 @@ pub async fn final_difference(
                 Ok(())
             },
         )?;
+        let dumped = totals.pages;
+        let mut pending: Vec<(u64, u64, Option<Vec<u8>>)> = parts.into_iter().flatten().collect();
         pending.sort_unstable_by_key(|(o, a, _)| (*o, *a));
         for (o, a, d) in &pending {
             b.push(*o, *a, d.as_deref())?;

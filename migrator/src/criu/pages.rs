@@ -667,6 +667,123 @@ impl MemoryImages {
     }
 }
 
+impl MemoryImages {
+    /// [`for_each_page`](Self::for_each_page) on `threads` threads at once (at least one): the
+    /// pages files are read in chunks of 4 MiB, each by whichever thread is free, and each
+    /// thread calls `f` with its own state (made by `init`); pages come in no particular order.
+    /// Returns every thread's state. The first error stops every thread soon after.
+    pub fn par_for_each_page<T, E, I, F>(
+        &self,
+        threads: usize,
+        init: I,
+        f: F,
+    ) -> Result<(Vec<T>, Totals), E>
+    where
+        T: Send,
+        E: From<PagesError> + Send,
+        I: Fn() -> T + Sync,
+        F: Fn(&mut T, Owner, u64, &[u8; PAGE_SIZE]) -> Result<(), E> + Sync,
+    {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        struct Unit {
+            map: usize,
+            /// First data page of the chunk.
+            first: usize,
+            pages: usize,
+        }
+        let chunk_pages = CHUNK / PAGE_SIZE;
+        let mut files = Vec::with_capacity(self.maps.len());
+        let mut addrs = Vec::with_capacity(self.maps.len());
+        let mut units = Vec::new();
+        for (i, m) in self.maps.iter().enumerate() {
+            let path = self.dir.join(m.pages_file());
+            let file = File::open(&path).map_err(io_err(&path))?;
+            let actual = file.metadata().map_err(io_err(&path))?.len();
+            let expected = m.data_len();
+            if actual != expected {
+                return Err(PagesError::Length {
+                    path,
+                    expected,
+                    actual,
+                }
+                .into());
+            }
+            let a: Vec<u64> = m.data_page_addrs().collect();
+            for first in (0..a.len()).step_by(chunk_pages) {
+                units.push(Unit {
+                    map: i,
+                    first,
+                    pages: chunk_pages.min(a.len() - first),
+                });
+            }
+            files.push((path, file));
+            addrs.push(a);
+        }
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let results: Vec<Result<(T, u64), E>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    scope.spawn(|| -> Result<(T, u64), E> {
+                        let mut state = init();
+                        let mut buf = vec![0u8; CHUNK];
+                        let mut pages = 0u64;
+                        loop {
+                            if failed.load(Ordering::Relaxed) {
+                                return Ok((state, pages));
+                            }
+                            let Some(u) = units.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                                return Ok((state, pages));
+                            };
+                            let (path, file) = &files[u.map];
+                            let owner = self.maps[u.map].owner;
+                            let n = u.pages * PAGE_SIZE;
+                            let read = file
+                                .read_exact_at(&mut buf[..n], (u.first * PAGE_SIZE) as u64)
+                                .map_err(io_err(path));
+                            if let Err(e) = read {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e.into());
+                            }
+                            let at = &addrs[u.map][u.first..u.first + u.pages];
+                            for (page, vaddr) in buf[..n].chunks_exact(PAGE_SIZE).zip(at) {
+                                // `chunks_exact` yields whole pages.
+                                let page: &[u8; PAGE_SIZE] =
+                                    page.try_into().expect("chunks_exact yields whole pages");
+                                if let Err(e) = f(&mut state, owner, *vaddr, page) {
+                                    failed.store(true, Ordering::Relaxed);
+                                    return Err(e);
+                                }
+                            }
+                            pages += u.pages as u64;
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| match w.join() {
+                    Ok(r) => r,
+                    // A panic in `f` is a bug: carried on as one.
+                    Err(p) => std::panic::resume_unwind(p),
+                })
+                .collect()
+        });
+        let mut states = Vec::with_capacity(results.len());
+        let mut totals = Totals {
+            maps: self.maps.len(),
+            ..Totals::default()
+        };
+        for r in results {
+            let (state, pages) = r?;
+            totals.pages += pages;
+            states.push(state);
+        }
+        Ok((states, totals))
+    }
+}
+
 /// Calls `f` with every data page of the dump in `dir` (see [`MemoryImages::for_each_page`]).
 pub fn for_each_page<E, F>(dir: &Path, f: F) -> Result<Totals, E>
 where
@@ -1101,6 +1218,41 @@ mod tests {
             1,
             "no temporary file left"
         );
+    }
+
+    #[test]
+    fn the_parallel_scan_sees_every_page_once_with_its_data() {
+        let d = synthetic();
+        // A map larger than one chunk, so that threads share it.
+        let big = 3 * (CHUNK / PAGE_SIZE) as u64 + 5;
+        write_dump(
+            d.path(),
+            Owner::Pid(9),
+            4,
+            &[entry(0x7000_0000, big, Some(PE_PRESENT | PE_LAZY))],
+        );
+        let want = collect(d.path());
+        let images = MemoryImages::load(d.path()).expect("load");
+        for threads in [1, 3] {
+            let (parts, totals) = images
+                .par_for_each_page::<_, PagesError, _, _>(threads, Vec::new, |v, o, a, p| {
+                    v.push(((o, a), p.to_vec()));
+                    Ok(())
+                })
+                .expect("scan");
+            assert_eq!(parts.len(), threads);
+            let got: Vec<_> = parts.into_iter().flatten().collect();
+            assert_eq!(got.len(), want.len(), "{threads} threads");
+            assert_eq!(totals.pages, want.len() as u64);
+            let got: HashMap<_, _> = got.into_iter().collect();
+            assert!(got == want, "{threads} threads: same pages, same data");
+        }
+        std::fs::write(d.path().join(pages_file_name(4)), b"short").expect("truncate");
+        let images = MemoryImages::load(d.path()).expect("load");
+        let err = images
+            .par_for_each_page::<(), PagesError, _, _>(2, || (), |_, _, _, _| Ok(()))
+            .expect_err("a pages file of the wrong length");
+        assert!(matches!(err, PagesError::Length { .. }), "{err}");
     }
 
     #[test]
