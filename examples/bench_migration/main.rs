@@ -48,11 +48,15 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     links: Vec<u64>,
     /// Memory states of the service, MiB (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "64,256,512")]
+    #[arg(long, value_delimiter = ',', default_value = "64,256,512,1024,2048")]
     states: Vec<u32>,
     /// Dirty rates of the service, pages/s (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "0,1000,10000")]
     dirty: Vec<u32>,
+    /// Leave out cells whose stop-and-copy would need longer than this just to send the state
+    /// at the link rate (2 GiB over 100 Mbit/s: 172 s), seconds.
+    #[arg(long, default_value_t = 60.0)]
+    max_stop_and_copy_secs: f64,
     /// A quick grid: 64 MiB only, dirty rates 0 and 1000 (links as given).
     #[arg(long, conflicts_with_all = ["states", "dirty"])]
     quick: bool,
@@ -283,6 +287,15 @@ fn main() -> anyhow::Result<()> {
     let mut grid: Vec<(u64, u32, u32)> = Vec::new();
     for &l in &args.links {
         for &s in &args.states {
+            let send_s = f64::from(s) * 8.0 * 1.048_576 / l as f64;
+            if send_s > args.max_stop_and_copy_secs {
+                eprintln!(
+                    "leaving out {s} MiB over {l} Mbit/s: stop-and-copy would send for {send_s:.0} s \
+                     (--max-stop-and-copy-secs {})",
+                    args.max_stop_and_copy_secs
+                );
+                continue;
+            }
             for &d in &args.dirty {
                 grid.push((l, s, d));
             }
@@ -1016,6 +1029,72 @@ fn table(headers: &[&str], left: &[usize], rows: &[Vec<String>]) {
     }
 }
 
+/// Per link and dirty rate, pre-copy's downtime against the state size, with what each part
+/// adds per extra GiB of state: flat means the frozen phase does not grow with the state.
+fn print_state_size_table(cells: &[Cell]) {
+    let f1 = |v: f64| format!("{v:.1}");
+    let mut rows = Vec::new();
+    let mut keys: Vec<(u64, u32)> = cells
+        .iter()
+        .map(|c| (c.link_mbit, c.dirty_pages_per_sec))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for (link, dirty) in keys {
+        let mut line: Vec<(u32, &Move)> = cells
+            .iter()
+            .filter(|c| c.link_mbit == link && c.dirty_pages_per_sec == dirty)
+            .filter_map(|c| Some((c.state_mib, c.pre_copy.as_ref()?)))
+            .collect();
+        if line.len() < 2 {
+            continue;
+        }
+        line.sort_by_key(|(s, _)| *s);
+        let mut prev: Option<(u32, &Move)> = None;
+        for (state, m) in line {
+            let per_gib = |f: &dyn Fn(&Move) -> f64| match prev {
+                Some((ps, pm)) if state > ps => f1((f(m) - f(pm)) / f64::from(state - ps) * 1024.0),
+                _ => "-".into(),
+            };
+            rows.push(vec![
+                link.to_string(),
+                dirty.to_string(),
+                state.to_string(),
+                f1(m.downtime_ms),
+                format!("{:.2}x", m.downtime_over_floor),
+                per_gib(&|m| m.downtime_ms),
+                per_gib(&|m| m.dump_ms),
+                per_gib(&|m| m.transfer_ms),
+                per_gib(&|m| m.restore_ms),
+            ]);
+            prev = Some((state, m));
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    println!("\n## Pre-copy downtime against the state size\n");
+    table(
+        &[
+            "link Mbit/s",
+            "dirty pages/s",
+            "state MiB",
+            "downtime ms",
+            "/floor",
+            "downtime ms per extra GiB",
+            "dump",
+            "transfer",
+            "restore",
+        ],
+        &[],
+        &rows,
+    );
+    println!(
+        "\nper extra GiB: the change from the next smaller state, scaled to 1 GiB; what still grows \
+         with the state is CRIU's dump of all memory to tmpfs and the source's read-back of it."
+    );
+}
+
 fn print_tables(args: &Args, baseline: &Baseline, cells: &[Cell]) {
     let f1 = |v: f64| format!("{v:.1}");
     let opt = |m: &Option<Move>, f: &dyn Fn(&Move) -> String| m.as_ref().map_or("-".into(), f);
@@ -1151,6 +1230,7 @@ fn print_tables(args: &Args, baseline: &Baseline, cells: &[Cell]) {
             );
         }
     }
+    print_state_size_table(cells);
     println!("\n## Targets\n");
     let ts = targets(cells);
     let met = |t: &Target| match t.met {
