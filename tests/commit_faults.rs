@@ -377,3 +377,51 @@ fn max_frozen_rolls_back_a_stop_and_copy_that_cannot_finish_in_time() {
     );
     ends_on_src(&s, c, pid, "max-frozen rollback");
 }
+
+#[test]
+fn agent_killed_while_the_lazy_restore_fills_memory_leaves_the_service_whole() {
+    // 256 MiB restored lazily with no hot pages: after the resume nearly all of it still comes
+    // from the page server (pre-copy filled the store), for a second or so. The page server is a process of its own
+    // (a fork of the agent): a crash of the agent must not stop the fill, or the service would
+    // read zeros where its memory never came.
+    let mut s = scenario(&ScenarioConfig {
+        proxy: true,
+        proxy_max_hold_ms: Some(60_000),
+        state_mb: 256,
+        hot_first_mib: Some(0),
+        ..Default::default()
+    });
+    // The destination agent pauses once the service runs there, before it tells the source.
+    s.start_agent_env(Host::Dst, &[(HOLD, "ending:30000")])
+        .expect("agent with a hold");
+    let c = clients(&mut s, 20);
+    std::thread::sleep(Duration::from_millis(1500));
+    let dst_log = s.agent_log(Host::Dst);
+    let from = std::fs::metadata(&dst_log).map_or(0, |m| m.len() as usize);
+    let (child, log) = spawn_migrate(&s, Host::Dst, &[], &[]);
+    wait_for_after(
+        &dst_log,
+        from,
+        "test hold: pausing",
+        Duration::from_secs(90),
+    );
+    s.kill_agent(Host::Dst).expect("kill the agent");
+    let agent_said = std::fs::read_to_string(&dst_log).unwrap_or_default();
+    let agent_said = agent_said.get(from..).unwrap_or_default();
+    assert!(
+        agent_said.contains("page server started"),
+        "the restore was served from the page store:\n{agent_said}"
+    );
+    assert!(
+        !agent_said.contains("lazy restore done"),
+        "the agent was killed while memory was still filling in (else this tests nothing):\n{agent_said}"
+    );
+    // The source is in doubt; the agent comes back and finds its committed migration in the
+    // journal.
+    std::thread::sleep(Duration::from_millis(500));
+    s.start_agent(Host::Dst).expect("agent restarts");
+    let status = wait_exit(child);
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "tether migrate: {said}");
+    ends_on_dst(&mut s, c, "agent killed during the lazy fill");
+}

@@ -1341,6 +1341,42 @@ mod tests {
     }
 
     #[test]
+    fn a_served_draft_without_a_hot_budget_writes_only_what_is_never_lazy() {
+        let d = tempfile::tempdir().expect("tempdir");
+        write_dump(
+            d.path(),
+            Owner::Pid(1),
+            1,
+            &[
+                entry(0x1000_0000, 2, Some(PE_PRESENT | PE_LAZY)),
+                entry(0x3000_0000, 2, Some(PE_PRESENT)),
+            ],
+        );
+        write_dump(
+            d.path(),
+            Owner::Shmem(5),
+            2,
+            &[entry(0, 3, Some(PE_PRESENT))],
+        );
+        let got = collect(d.path());
+        let source = |o: Owner, a: u64| got.get(&(o, a)).map(Vec::as_slice);
+        let out = tempfile::tempdir().expect("tempdir");
+        copy_pagemaps(d.path(), out.path());
+        let images = MemoryImages::load(out.path()).expect("load");
+        let totals = images
+            .draft_sparse(out.path(), source)
+            .expect("draft")
+            .finish_served(0, source)
+            .expect("finish");
+        assert_eq!(totals.eager, 0);
+        assert_eq!(
+            totals.written,
+            2 + 3,
+            "the entry never lazy and the shared memory"
+        );
+    }
+
+    #[test]
     fn a_served_draft_without_its_daemon_writes_every_page_and_refuses_a_plain_finish() {
         let d = tempfile::tempdir().expect("tempdir");
         write_dump(

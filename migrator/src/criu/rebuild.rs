@@ -372,11 +372,9 @@ impl PagesDraft {
             }
         }
         let mut totals = Totals::default();
-        let marks = if budget > 0 {
-            self.hot_marks(budget)
-        } else {
-            vec![None; self.files.len()]
-        };
+        // With no budget nothing is marked, but process maps still get (empty) marks: `None`
+        // means shared memory, which a served restore writes whole.
+        let marks = self.hot_marks(budget);
         if let Some(mut source) = source {
             totals.written = self.write_restored_pages(&marks, &mut source)?;
         }

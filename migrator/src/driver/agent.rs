@@ -762,6 +762,9 @@ where
             super::hold::TestHold::at(&mut hold, machine.state_name(), false).await;
             while let Some(a) = machine.poll_action() {
                 task.perform(a, &mut machine).await;
+                // A state entered by an action's own outcome (going live ends the migration)
+                // is held before its actions too.
+                super::hold::TestHold::at(&mut hold, machine.state_name(), false).await;
             }
             if machine.is_done() {
                 break;
