@@ -2,9 +2,8 @@
 //! exact step: `TETHER_TEST_HOLD=<state>:<ms>` pauses the driver for `<ms>` when its machine
 //! first enters `<state>` (also where an action's own outcome moves it there), before it performs
 //! that step's actions; `<state>+:<ms>` pauses after them. The driver logs `test hold: ...` when
-//! it starts pausing. States are the machines'
-//! `state_name()`s (`ending`, `resuming`, `prepared`, `going-live`, ...). Unset, it costs
-//! nothing; it is never set in production.
+//! it starts pausing. States are the machines' `state_name()`s (`ending`, `resuming`,
+//! `prepared`, `going-live`, ...). Unset, it costs nothing; it is never set in production.
 
 use std::time::Duration;
 
