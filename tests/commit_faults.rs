@@ -94,6 +94,28 @@ fn wait_for_after(path: &Path, from: usize, needle: &str, within: Duration) {
     }
 }
 
+/// Restarts the destination agent with a pause at `hold` (`TETHER_TEST_HOLD`), starts clients
+/// through the proxy for `secs`, moves the service there in the background and kills the agent
+/// once it pauses (within `within`). Returns the clients, `tether migrate` and its log, and the
+/// length of the agent's log before the move.
+fn kill_the_held_agent(
+    s: &mut Scenario,
+    hold: &str,
+    secs: u64,
+    within: Duration,
+) -> (ClientRun, Child, PathBuf, usize) {
+    s.start_agent_env(Host::Dst, &[(HOLD, hold)])
+        .expect("agent with a hold");
+    let c = clients(s, secs);
+    std::thread::sleep(Duration::from_millis(1500));
+    let dst_log = s.agent_log(Host::Dst);
+    let from = std::fs::metadata(&dst_log).map_or(0, |m| m.len() as usize);
+    let (child, log) = spawn_migrate(s, Host::Dst, &[], &[]);
+    wait_for_after(&dst_log, from, "test hold: pausing", within);
+    s.kill_agent(Host::Dst).expect("kill the agent");
+    (c, child, log, from)
+}
+
 /// Waits for `tether migrate` to exit, at most [`MIGRATE_EXIT`]: a hung one is killed and fails
 /// the test instead of hanging the suite.
 fn wait_exit(mut child: Child) -> std::process::ExitStatus {
@@ -258,20 +280,9 @@ fn migrate_killed_right_after_the_commit_is_confirmed_is_finished_by_recover() {
 fn agent_killed_right_after_it_reports_the_restore_commits_once_it_is_back() {
     let mut s = proxied(ScenarioConfig::default());
     // The destination agent pauses once it has sent `Restored`: it never handles the commit.
-    s.start_agent_env(Host::Dst, &[(HOLD, "prepared+:30000")])
-        .expect("agent with a hold");
-    let c = clients(&mut s, 16);
-    std::thread::sleep(Duration::from_millis(1500));
+    let (c, child, log, _) =
+        kill_the_held_agent(&mut s, "prepared+:30000", 16, Duration::from_secs(60));
     let dst_log = s.agent_log(Host::Dst);
-    let from = std::fs::metadata(&dst_log).map_or(0, |m| m.len() as usize);
-    let (child, log) = spawn_migrate(&s, Host::Dst, &[], &[]);
-    wait_for_after(
-        &dst_log,
-        from,
-        "test hold: pausing",
-        Duration::from_secs(60),
-    );
-    s.kill_agent(Host::Dst).expect("kill the agent");
     // The source ended its copy and sent the commit into the void; it waits, in doubt, for the
     // agent to come back. The restarted agent finds its stopped copy in its journal.
     std::thread::sleep(Duration::from_millis(500));
@@ -381,9 +392,9 @@ fn max_frozen_rolls_back_a_stop_and_copy_that_cannot_finish_in_time() {
 #[test]
 fn agent_killed_while_the_lazy_restore_fills_memory_leaves_the_service_whole() {
     // 256 MiB restored lazily with no hot pages: after the resume nearly all of it still comes
-    // from the page server (pre-copy filled the store), for a second or so. The page server is a process of its own
-    // (a fork of the agent): a crash of the agent must not stop the fill, or the service would
-    // read zeros where its memory never came.
+    // from the page server (pre-copy filled the store), for a second or so. The page server is
+    // a process of its own (a fork of the agent): a crash of the agent must not stop the fill,
+    // or the service would read zeros where its memory never came.
     let mut s = scenario(&ScenarioConfig {
         proxy: true,
         proxy_max_hold_ms: Some(60_000),
@@ -392,20 +403,9 @@ fn agent_killed_while_the_lazy_restore_fills_memory_leaves_the_service_whole() {
         ..Default::default()
     });
     // The destination agent pauses once the service runs there, before it tells the source.
-    s.start_agent_env(Host::Dst, &[(HOLD, "ending:30000")])
-        .expect("agent with a hold");
-    let c = clients(&mut s, 20);
-    std::thread::sleep(Duration::from_millis(1500));
+    let (c, child, log, from) =
+        kill_the_held_agent(&mut s, "ending:30000", 20, Duration::from_secs(90));
     let dst_log = s.agent_log(Host::Dst);
-    let from = std::fs::metadata(&dst_log).map_or(0, |m| m.len() as usize);
-    let (child, log) = spawn_migrate(&s, Host::Dst, &[], &[]);
-    wait_for_after(
-        &dst_log,
-        from,
-        "test hold: pausing",
-        Duration::from_secs(90),
-    );
-    s.kill_agent(Host::Dst).expect("kill the agent");
     let agent_said = std::fs::read_to_string(&dst_log).unwrap_or_default();
     let agent_said = agent_said.get(from..).unwrap_or_default();
     assert!(

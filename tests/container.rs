@@ -413,24 +413,35 @@ fn held_container_scenario() -> Scenario {
     })
 }
 
-#[test]
-fn a_container_whose_agent_dies_after_the_restore_commits_once_it_is_back() {
-    let mut s = held_container_scenario();
-    // The destination agent pauses once it has reported the restore: it never sees the commit.
-    s.start_agent_env(Host::Dst, &[(HOLD, "prepared+:30000")])
+/// Restarts the destination agent with a pause at `hold` (`TETHER_TEST_HOLD`), starts clients
+/// through the proxy, and moves the container there in the background until the agent pauses.
+/// Returns the clients and `tether migrate` with its log.
+fn move_with_the_agent_held(
+    s: &mut Scenario,
+    hold: &str,
+) -> (ClientRun, std::process::Child, std::path::PathBuf) {
+    s.start_agent_env(Host::Dst, &[(HOLD, hold)])
         .expect("agent with a hold");
     let c = {
         let t = s.proxy_addr();
-        clients_to(&mut s, t, 8, 2, 16)
+        clients_to(s, t, 8, 2, 16)
     };
     std::thread::sleep(Duration::from_millis(1500));
     let dst_log = s.agent_log(Host::Dst);
-    let (child, log) = spawn_migrate(&s, Host::Dst, &[]);
+    let (child, log) = spawn_migrate(s, Host::Dst, &[]);
     let said = common::wait_for_log(&dst_log, "test hold: pausing", Duration::from_secs(60));
     assert!(
         said.contains("test hold: pausing"),
         "the agent never paused:\n{said}"
     );
+    (c, child, log)
+}
+
+#[test]
+fn a_container_whose_agent_dies_after_the_restore_commits_once_it_is_back() {
+    let mut s = held_container_scenario();
+    // The destination agent pauses once it has reported the restore: it never sees the commit.
+    let (c, child, log) = move_with_the_agent_held(&mut s, "prepared+:30000");
     s.kill_agent(Host::Dst).expect("kill the agent");
     std::thread::sleep(Duration::from_millis(500));
     // The restarted agent finds the restored, frozen container in its journal, and goes live
@@ -549,20 +560,7 @@ fn a_container_move_whose_migrate_dies_before_the_commit_point_rolls_back() {
 fn a_container_that_dies_on_the_destination_before_it_goes_live_is_restored_on_the_source() {
     let mut s = held_container_scenario();
     // The destination agent pauses once it has reported the restore; meanwhile its copy dies.
-    s.start_agent_env(Host::Dst, &[(HOLD, "prepared+:4000")])
-        .expect("agent with a hold");
-    let c = {
-        let t = s.proxy_addr();
-        clients_to(&mut s, t, 8, 2, 16)
-    };
-    std::thread::sleep(Duration::from_millis(1500));
-    let dst_log = s.agent_log(Host::Dst);
-    let (child, log) = spawn_migrate(&s, Host::Dst, &[]);
-    let said = common::wait_for_log(&dst_log, "test hold: pausing", Duration::from_secs(60));
-    assert!(
-        said.contains("test hold: pausing"),
-        "the agent never paused:\n{said}"
-    );
+    let (c, child, log) = move_with_the_agent_held(&mut s, "prepared+:4000");
     let dst_pid = s
         .container_pid(Host::Dst)
         .expect("ps")

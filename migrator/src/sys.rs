@@ -359,13 +359,10 @@ pub fn fork_child<const N: usize>(
             fail();
         }
     }
-    let mut i = 0;
-    let owned: [OwnedFd; N] = std::array::from_fn(|_| {
-        i += 1;
-        // SAFETY: descriptor FIRST + i - 1 was just made a copy of the caller's i-th
-        // descriptor, and nothing else in this process refers to it.
-        unsafe { OwnedFd::from_raw_fd(FIRST + i as RawFd - 1) }
-    });
+    // SAFETY: descriptor FIRST + i was just made a copy of the caller's i-th descriptor, and
+    // nothing else in this process refers to it.
+    let owned: [OwnedFd; N] =
+        std::array::from_fn(|i| unsafe { OwnedFd::from_raw_fd(FIRST + i as RawFd) });
     let code = f(owned);
     // SAFETY: _exit is async-signal-safe and never returns.
     unsafe { libc::_exit(code) }

@@ -146,6 +146,8 @@ pub struct LazyPages {
 
 /// A forked page server ([`LazyPages::serve`]): the thread that forks it, then waits for it
 /// and reads its outcome (`None`: it could not be started, or ended without saying how).
+/// Dropping it (an undo) detaches the thread: the server exits on its own once the daemon's
+/// end closes, and the thread reaps it.
 type Server = std::thread::JoinHandle<Option<Outcome>>;
 
 impl Drop for LazyPages {
@@ -153,9 +155,6 @@ impl Drop for LazyPages {
         if !self.detached {
             let _ = self.child.start_kill();
         }
-        // Not waited for (an undo): the server exits on its own once the daemon's end closes,
-        // and its thread reaps it.
-        drop(self.server.take());
     }
 }
 
@@ -190,24 +189,22 @@ impl LazyPages {
             detail: "the daemon was not started to ask for its pages, or is served already".into(),
         })?;
         let daemon = self.child.id().and_then(|p| i32::try_from(p).ok());
-        let dir = std::fs::File::open(&self.images).map_err(CriuError::Spawn)?;
+        let images = self.images.clone();
+        let dir = std::fs::File::open(&images).map_err(CriuError::Spawn)?;
         let thread = std::thread::Builder::new()
             .name("page-server".into())
             .spawn(move || {
                 let t = Instant::now();
                 let forked = start_server(sock, store, OwnedFd::from(dir));
                 match forked {
-                    Ok((pid, outcome)) => {
+                    Ok(pid) => {
                         info!(
                             pid,
                             fork_ms = t.elapsed().as_secs_f64() * 1e3,
                             "page server started for the lazy restore"
                         );
                         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-                        let mut record = [0u8; OUTCOME_LEN];
-                        let mut f = std::fs::File::from(outcome);
-                        std::io::Read::read_exact(&mut f, &mut record).ok()?;
-                        pageserver::decode_outcome(&record)
+                        served_outcome(&images)
                     }
                     Err(e) => {
                         warn!("cannot start the lazy restore's page server: {e}");
@@ -302,13 +299,11 @@ impl LazyPages {
     }
 }
 
-/// Forks the page server: it answers on `sock` from `store` and writes its outcome to the pipe
-/// whose reading end is returned with its pid, and to [`SERVED`] in the directory `dir`. This
-/// process's copy of `store` and of `sock` is dropped before returning.
-fn start_server(sock: OwnedFd, store: PageStore, dir: OwnedFd) -> std::io::Result<(i32, OwnedFd)> {
-    let (outcome_r, outcome_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let fds = [sock.as_fd(), outcome_w.as_fd(), dir.as_fd()];
-    let pid = crate::sys::fork_child(fds, |[sock, out, dir]| {
+/// Forks the page server: it answers on `sock` from `store` and, as it exits, writes its
+/// outcome to [`SERVED`] in the directory `dir` (read with [`served_outcome`]). Returns its pid.
+/// This process's copy of `store` and of `sock` is dropped before returning.
+fn start_server(sock: OwnedFd, store: PageStore, dir: OwnedFd) -> std::io::Result<i32> {
+    let pid = crate::sys::fork_child([sock.as_fd(), dir.as_fd()], |[sock, dir]| {
         // In the forked child: no allocation, no drop of what the agent owned (see
         // `fork_child`). The store is read in place, shared with the agent copy-on-write.
         let store = ManuallyDrop::new(store);
@@ -320,14 +315,12 @@ fn start_server(sock: OwnedFd, store: PageStore, dir: OwnedFd) -> std::io::Resul
         if let Ok(f) = crate::sys::create_at(dir.as_fd(), SERVED_C) {
             let _ = std::io::Write::write_all(&mut std::fs::File::from(f), &record);
         }
-        let mut out = std::fs::File::from(out);
-        let _ = std::io::Write::write_all(&mut out, &record);
         i32::from(outcome.is_err())
     })?;
-    // Here `store`, `sock` and the pipe's writing end were moved into the closure, which the
-    // parent never runs: they are dropped with it. The daemon's requests reach only the server,
-    // which sees the daemon hang up if it dies.
-    Ok((pid, outcome_r))
+    // Here `store` was moved into the closure, which the parent never runs: it is dropped with
+    // it, and `sock` on return. The daemon's requests reach only the server, which sees the
+    // daemon hang up if it dies.
+    Ok(pid)
 }
 
 #[cfg(test)]
@@ -338,7 +331,7 @@ mod tests {
     use std::io::{Read, Write};
 
     /// The forked server answers from the store it was handed, the parent having dropped its
-    /// own copy, and reports what it did through the pipe.
+    /// own copy, and reports what it did in the images directory.
     #[test]
     fn a_forked_server_answers_from_the_store_and_reports() {
         let mut store = PageStore::new(1 << 30);
@@ -357,7 +350,7 @@ mod tests {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let dir = tempfile::tempdir().expect("tempdir");
         let d = OwnedFd::from(std::fs::File::open(dir.path()).expect("open dir"));
-        let (pid, outcome) = start_server(OwnedFd::from(ours), store, d).expect("fork");
+        let pid = start_server(OwnedFd::from(ours), store, d).expect("fork");
         let mut daemon = theirs;
         daemon
             .write_all(&Header::get(5, 0x10000, 64).encode())
@@ -379,19 +372,14 @@ mod tests {
             status,
             nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid), 0)
         );
-        let mut record = [0u8; OUTCOME_LEN];
-        std::fs::File::from(outcome)
-            .read_exact(&mut record)
-            .expect("outcome");
         let want = Some(Ok(ServeStats {
             requests: 1,
             pages: 64,
         }));
-        assert_eq!(pageserver::decode_outcome(&record), want);
         assert_eq!(
             served_outcome(dir.path()),
             want,
-            "left in the images directory too"
+            "left in the images directory"
         );
     }
 
@@ -402,19 +390,15 @@ mod tests {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let dir = tempfile::tempdir().expect("tempdir");
         let d = OwnedFd::from(std::fs::File::open(dir.path()).expect("open dir"));
-        let (pid, outcome) = start_server(OwnedFd::from(ours), store, d).expect("fork");
+        let pid = start_server(OwnedFd::from(ours), store, d).expect("fork");
         drop(theirs);
         let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("wait");
         assert_eq!(
             status,
             nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid), 1)
         );
-        let mut record = [0u8; OUTCOME_LEN];
-        std::fs::File::from(outcome)
-            .read_exact(&mut record)
-            .expect("outcome");
         assert!(matches!(
-            pageserver::decode_outcome(&record),
+            served_outcome(dir.path()),
             Some(Err((pageserver::ServeError::Hangup, _)))
         ));
     }

@@ -633,20 +633,9 @@ impl MemoryImages {
         let mut totals = Totals::default();
         let mut buf = vec![0u8; CHUNK];
         for m in &self.maps {
-            let path = self.dir.join(m.pages_file());
-            let mut file = File::open(&path).map_err(io_err(&path))?;
-            let actual = file.metadata().map_err(io_err(&path))?.len();
-            let expected = m.data_len();
-            if actual != expected {
-                return Err(PagesError::Length {
-                    path,
-                    expected,
-                    actual,
-                }
-                .into());
-            }
+            let (path, mut file) = self.open_pages(m)?;
             let mut addrs = m.data_page_addrs();
-            let mut left = expected;
+            let mut left = m.data_len();
             while left > 0 {
                 let n = usize::try_from(left.min(CHUNK as u64)).unwrap_or(CHUNK);
                 file.read_exact(&mut buf[..n]).map_err(io_err(&path))?;
@@ -668,6 +657,22 @@ impl MemoryImages {
 }
 
 impl MemoryImages {
+    /// Opens the pages file of `m`, checking that it holds exactly the page map's data.
+    fn open_pages(&self, m: &PageMap) -> Result<(PathBuf, File), PagesError> {
+        let path = self.dir.join(m.pages_file());
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let actual = file.metadata().map_err(io_err(&path))?.len();
+        let expected = m.data_len();
+        if actual != expected {
+            return Err(PagesError::Length {
+                path,
+                expected,
+                actual,
+            });
+        }
+        Ok((path, file))
+    }
+
     /// [`for_each_page`](Self::for_each_page) on `threads` threads at once (at least one): the
     /// pages files are read in chunks of 4 MiB, each by whichever thread is free, and each
     /// thread calls `f` with its own state (made by `init`); pages come in no particular order.
@@ -697,18 +702,7 @@ impl MemoryImages {
         let mut addrs = Vec::with_capacity(self.maps.len());
         let mut units = Vec::new();
         for (i, m) in self.maps.iter().enumerate() {
-            let path = self.dir.join(m.pages_file());
-            let file = File::open(&path).map_err(io_err(&path))?;
-            let actual = file.metadata().map_err(io_err(&path))?.len();
-            let expected = m.data_len();
-            if actual != expected {
-                return Err(PagesError::Length {
-                    path,
-                    expected,
-                    actual,
-                }
-                .into());
-            }
+            let (path, file) = self.open_pages(m)?;
             let a: Vec<u64> = m.data_page_addrs().collect();
             for first in (0..a.len()).step_by(chunk_pages) {
                 units.push(Unit {

@@ -21,7 +21,7 @@
 //!
 //! The serving loop neither allocates nor formats on the heap: it runs in a forked copy of the
 //! agent ([`crate::sys::fork_child`]), where another thread may have held the allocator's lock
-//! at the fork. Its outcome travels back as a fixed-size [`Outcome`] record.
+//! at the fork. Its outcome is left as a fixed-size [`Outcome`] record.
 
 use std::io::{IoSlice, Read, Write};
 
@@ -176,7 +176,7 @@ pub type Outcome = Result<ServeStats, (ServeError, ServeStats)>;
 /// Bytes of an encoded [`Outcome`].
 pub const OUTCOME_LEN: usize = 40;
 
-/// Packs an outcome into a fixed-size record (for the pipe from the forked server).
+/// Packs an outcome into a fixed-size record (the file the forked server leaves).
 pub fn encode_outcome(o: &Outcome) -> [u8; OUTCOME_LEN] {
     let (kind, a, b, stats) = match o {
         Ok(s) => (0u64, 0, 0, s),
@@ -237,8 +237,9 @@ where
     L: Fn(Owner, u64) -> Option<&'s [u8]>,
 {
     let mut stats = ServeStats::default();
-    // On the stack (16 KiB): nothing here allocates.
-    let mut iov: [IoSlice<'s>; IOV_MAX] = [IoSlice::new(&[]); IOV_MAX];
+    // Every page of a request, looked up once (on the stack, 64 KiB: nothing here allocates).
+    let mut pages: [IoSlice<'s>; MAX_REQUEST_PAGES as usize] =
+        [IoSlice::new(&[]); MAX_REQUEST_PAGES as usize];
     let mut head = [0u8; HEADER];
     loop {
         if let Err(e) = sock.read_exact(&mut head) {
@@ -268,27 +269,24 @@ where
             .ok()
             .filter(|p| *p > 0)
             .map(Owner::Pid);
-        let missing = ServeError::Missing {
-            pid: req.dst_id,
-            vaddr: req.vaddr,
-        };
-        let Some(owner) = owner else {
-            return Err((missing, stats));
-        };
-        let page_at = |i: u64| {
-            let vaddr = req.vaddr.checked_add(i * PAGE_SIZE as u64)?;
-            lookup(owner, vaddr).filter(|p| p.len() == PAGE_SIZE)
-        };
         // Every page is looked up before anything is sent: a reply is whole or not sent.
-        if let Some(i) = (0..req.nr_pages).find(|i| page_at(*i).is_none()) {
-            let vaddr = req.vaddr.wrapping_add(i * PAGE_SIZE as u64);
-            return Err((
-                ServeError::Missing {
-                    pid: req.dst_id,
-                    vaddr,
-                },
-                stats,
-            ));
+        let n = req.nr_pages as usize;
+        for (i, slot) in pages[..n].iter_mut().enumerate() {
+            let vaddr = req.vaddr.wrapping_add(i as u64 * PAGE_SIZE as u64);
+            let page = owner
+                .filter(|_| vaddr >= req.vaddr)
+                .and_then(|o| lookup(o, vaddr))
+                .filter(|p| p.len() == PAGE_SIZE);
+            let Some(page) = page else {
+                return Err((
+                    ServeError::Missing {
+                        pid: req.dst_id,
+                        vaddr,
+                    },
+                    stats,
+                ));
+            };
+            *slot = IoSlice::new(page);
         }
         let reply = Header {
             cmd: PS_IOV_ADD_F,
@@ -299,18 +297,8 @@ where
         if let Err(e) = sock.write_all(&reply) {
             return Err((io(&e), stats));
         }
-        let mut next = 0u64;
-        while next < req.nr_pages {
-            let mut n = 0;
-            while next < req.nr_pages && n < IOV_MAX {
-                // Checked above: every page of the request is held.
-                if let Some(p) = page_at(next) {
-                    iov[n] = IoSlice::new(p);
-                    n += 1;
-                }
-                next += 1;
-            }
-            if let Err(e) = write_all_vectored(sock, &mut iov[..n]) {
+        for chunk in pages[..n].chunks_mut(IOV_MAX) {
+            if let Err(e) = write_all_vectored(sock, chunk) {
                 return Err((io(&e), stats));
             }
         }

@@ -38,8 +38,6 @@ pub struct PagesDraft {
     /// Only the pages a lazy restore copies in itself are written, at [`PagesDraft::finish_served`]:
     /// the rest stay holes, served from the page store instead.
     sparse: bool,
-    /// A sparse draft completed with every page ([`PagesDraft::finish_whole`]).
-    whole: bool,
     /// Paths already renamed into place by a `finish` that then failed.
     placed: Vec<PathBuf>,
 }
@@ -176,7 +174,6 @@ impl MemoryImages {
         let mut draft = PagesDraft {
             files: Vec::with_capacity(self.maps.len()),
             sparse,
-            whole: false,
             placed: Vec::new(),
         };
         let mut run = Run::new();
@@ -323,7 +320,11 @@ impl PagesDraft {
         if self.sparse {
             return Err(PagesError::Sparse);
         }
-        self.complete(budget, None::<fn(Owner, u64) -> Option<&'static [u8]>>)
+        self.complete(
+            budget,
+            None::<fn(Owner, u64) -> Option<&'static [u8]>>,
+            false,
+        )
     }
 
     /// Completes a [sparse](MemoryImages::draft_sparse) draft for a lazy restore served from
@@ -336,20 +337,26 @@ impl PagesDraft {
     where
         S: FnMut(Owner, u64) -> Option<&'a [u8]>,
     {
-        self.complete(budget, Some(source))
+        self.complete(budget, Some(source), false)
     }
 
     /// Completes a [sparse](MemoryImages::draft_sparse) draft for a full restore after all
     /// (its lazy-pages daemon is not there): writes every page from `source`.
-    pub fn finish_whole<'a, S>(mut self, source: S) -> Result<Totals, PagesError>
+    pub fn finish_whole<'a, S>(self, source: S) -> Result<Totals, PagesError>
     where
         S: FnMut(Owner, u64) -> Option<&'a [u8]>,
     {
-        self.whole = true;
-        self.complete(0, Some(source))
+        self.complete(0, Some(source), true)
     }
 
-    fn complete<'a, S>(mut self, budget: u64, source: Option<S>) -> Result<Totals, PagesError>
+    /// Checks the draft and writes its page maps; with `source`, writes the pages a lazy restore
+    /// reads itself, or with `whole` every page.
+    fn complete<'a, S>(
+        mut self,
+        budget: u64,
+        source: Option<S>,
+        whole: bool,
+    ) -> Result<Totals, PagesError>
     where
         S: FnMut(Owner, u64) -> Option<&'a [u8]>,
     {
@@ -376,7 +383,7 @@ impl PagesDraft {
         // means shared memory, which a served restore writes whole.
         let marks = self.hot_marks(budget);
         if let Some(mut source) = source {
-            totals.written = self.write_restored_pages(&marks, &mut source)?;
+            totals.written = self.write_restored_pages(&marks, &mut source, whole)?;
         }
         totals.eager = self.write_pagemaps(&marks)?;
         for f in &self.files {
@@ -424,11 +431,12 @@ impl PagesDraft {
     }
 
     /// Writes the pages a lazy restore reads from the pages files (every page of an entry that
-    /// is not lazy, and the marked ones); returns how many.
+    /// is not lazy, and the marked ones), or with `all` every page; returns how many.
     fn write_restored_pages<'a, S>(
         &self,
         marks: &[Option<EagerMarks>],
         source: &mut S,
+        all: bool,
     ) -> Result<u64, PagesError>
     where
         S: FnMut(Owner, u64) -> Option<&'a [u8]>,
@@ -441,7 +449,7 @@ impl PagesDraft {
                 if !e.has_data() {
                     continue;
                 }
-                let whole = self.whole || !e.lazy() || m.is_none();
+                let whole = all || !e.lazy() || m.is_none();
                 for (k, vaddr) in e.pages().enumerate() {
                     let at = index + k;
                     if !whole && !m.as_ref().is_some_and(|m| m.is_marked(at)) {

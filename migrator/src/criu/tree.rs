@@ -335,25 +335,22 @@ impl Checkpointer for CriuTree {
             // Served from the page store: the images hold holes where the lazy pages were, so
             // the memory cannot be compared with them; the page server's own account says
             // whether it served them all.
-            Some(_) if served.is_some() => {
-                let expected = served.unwrap_or(0);
-                match super::lazy::served_outcome(images) {
-                    Some(Ok(stats)) if stats.pages >= expected => {
-                        info!(
-                            pages = stats.pages,
-                            expected, "the restored copy's memory was all served"
-                        );
-                        true
-                    }
-                    other => {
-                        warn!(
-                            ?other,
-                            expected, "the restored copy's memory fill did not complete"
-                        );
-                        false
-                    }
+            Some(_) if let Some(expected) = served => match super::lazy::served_outcome(images) {
+                Some(Ok(stats)) if stats.pages >= expected => {
+                    info!(
+                        pages = stats.pages,
+                        expected, "the restored copy's memory was all served"
+                    );
+                    true
                 }
-            }
+                other => {
+                    warn!(
+                        ?other,
+                        expected, "the restored copy's memory fill did not complete"
+                    );
+                    false
+                }
+            },
             // The daemon is gone: it finished filling the memory in, or died half-way (the
             // kernel then dropped the userfaultfd, and missing pages would read as zeros).
             // CRIU does not record which; the memory says.

@@ -867,16 +867,17 @@ where
     }
 
     /// Whether the restore can be lazy: a lazy-pages daemon was started and serves in time
-    /// (one that does not is dropped, and the restore copies all memory in). A daemon served
-    /// from the page store cannot be dropped: the pages files lack what it was to serve, and a
-    /// full restore from them would read zeros; that is an error.
-    async fn lazy_ready(&mut self) -> Result<bool, PortError> {
+    /// (one that does not is dropped, and the restore copies all memory in). Once the pages
+    /// files were written for a daemon served from the page store (`served`), it cannot be
+    /// dropped: they lack what it was to serve, and a full restore from them would read zeros;
+    /// that is an error.
+    async fn lazy_ready(&mut self, served: bool) -> Result<bool, PortError> {
         let Some(d) = self.lazy.as_mut() else {
             return Ok(false);
         };
         match LazyServer::ready(d, LAZY_READY_TIMEOUT).await {
             Ok(()) => Ok(true),
-            Err(e) if LazyServer::asks_for_pages(d) => Err(PortError::new(
+            Err(e) if served => Err(PortError::new(
                 ErrorCode::Checkpoint,
                 format!(
                     "the lazy restore cannot run, and the pages files hold only its hot pages: {e}"
@@ -1096,32 +1097,19 @@ where
                     0
                 };
                 // A daemon that is to ask for its pages must be there to be served; if it is
-                // not, every page is written and the restore copies them all in.
-                let serve = match self.lazy.as_mut() {
-                    Some(d) if LazyServer::asks_for_pages(d) => {
-                        match LazyServer::ready(d, LAZY_READY_TIMEOUT).await {
-                            Ok(()) => true,
-                            Err(e) => {
-                                warn!("restoring fully: {e}");
-                                self.lazy = None;
-                                self.record.lazy_daemon = None;
-                                false
-                            }
-                        }
-                    }
-                    _ => false,
-                };
+                // not, it is dropped, every page is written and the restore copies them all in.
+                let serve = self.lazy.as_ref().is_some_and(LazyServer::asks_for_pages)
+                    && matches!(self.lazy_ready(false).await, Ok(true));
                 let r = match self.receiver() {
                     Ok(r) => r.finish_rebuild(hot_first, serve).await,
                     Err(e) => Err(e),
                 };
-                let served_pages = self.receiver.as_ref().and_then(Receiver::served_pages);
                 let r = match (r, self.lazy.as_mut()) {
-                    (Ok(Some(store)), Some(d)) => {
+                    (Ok(Some(served)), Some(d)) => {
                         // Journaled before the restore (the restore's own journal write
                         // follows): a restarted agent checks the fill against it.
-                        self.record.served_pages = served_pages;
-                        LazyServer::serve(d, store)
+                        self.record.served_pages = Some(served.pages);
+                        LazyServer::serve(d, served.store)
                     }
                     (Ok(Some(_)), None) => Err(PortError::new(
                         ErrorCode::Internal,
@@ -1140,7 +1128,7 @@ where
                     machine.handle(now(), AgentEvent::Restored(Err(e)));
                     return;
                 };
-                let lazy = match self.lazy_ready().await {
+                let lazy = match self.lazy_ready(self.record.served_pages.is_some()).await {
                     Ok(l) => l,
                     Err(e) => {
                         machine.handle(now(), AgentEvent::Restored(Err(e)));
@@ -1164,7 +1152,7 @@ where
                 });
             }
             AgentAction::Restore => {
-                let lazy = match self.lazy_ready().await {
+                let lazy = match self.lazy_ready(self.record.served_pages.is_some()).await {
                     Ok(l) => l,
                     Err(e) => {
                         machine.handle(now(), AgentEvent::Restored(Err(e)));

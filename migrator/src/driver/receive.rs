@@ -28,6 +28,15 @@ fn storage(what: &str, e: std::io::Error) -> PortError {
 
 type DraftResult = (Result<PagesDraft, pages::PagesError>, Duration);
 
+/// What a restore served from the page store needs ([`Receiver::finish_rebuild`]).
+#[derive(Debug)]
+pub struct Served {
+    /// The store, holding every page the pages files lack.
+    pub store: PageStore,
+    /// How many pages the pages files lack: what the lazy-pages daemon must get from the store.
+    pub pages: u64,
+}
+
 /// One migration's received pages and files.
 #[derive(Debug)]
 pub struct Receiver {
@@ -52,9 +61,6 @@ pub struct Receiver {
     rebuilt_bytes: u64,
     /// Page data of the final difference held until the rebuild patches it in.
     final_bytes: u64,
-    /// With a restore served from the page store: the pages the pages files lack, which the
-    /// lazy-pages daemon must get from the page server.
-    served_pages: Option<u64>,
     /// The page store's memory while the page server holds it (a served restore), bytes.
     lent_store: u64,
     /// The most memory held at once so far (the most `account` charged), bytes.
@@ -92,7 +98,6 @@ impl Receiver {
             peak: 0,
             final_bytes: 0,
             lent_store: 0,
-            served_pages: None,
         })
     }
 
@@ -307,13 +312,13 @@ impl Receiver {
     ///
     /// A rebuild [started served](Self::start_rebuild), with `serve`, writes only the pages the
     /// lazy restore reads itself and returns the page store, whose pages the lazy-pages daemon
-    /// must get from now on; without `serve` (the daemon is not there after all) it writes every
+    /// must get from now on ([`Served`]); without `serve` (the daemon is not there after all) it writes every
     /// page, as an ordinary rebuild.
     pub async fn finish_rebuild(
         &mut self,
         hot_first: u64,
         serve: bool,
-    ) -> Result<Option<PageStore>, PortError> {
+    ) -> Result<Option<Served>, PortError> {
         if let Some(draft) = self.sparse.take() {
             return self.finish_served(draft, hot_first, serve).await;
         }
@@ -363,7 +368,7 @@ impl Receiver {
         draft: PagesDraft,
         hot_first: u64,
         serve: bool,
-    ) -> Result<Option<PageStore>, PortError> {
+    ) -> Result<Option<Served>, PortError> {
         let t = Instant::now();
         let store = self
             .store
@@ -388,7 +393,6 @@ impl Receiver {
         let totals =
             totals.map_err(|e| PortError::new(ErrorCode::Protocol, format!("rebuild: {e}")))?;
         self.rebuilt_bytes = totals.written * crate::protocol::PAGE as u64;
-        self.served_pages = serve.then(|| totals.pages.saturating_sub(totals.written));
         // Held by the page server from now on (this process drops its copy), until the fill
         // ends: still this migration's.
         self.lent_store = if serve { store.memory() } else { 0 };
@@ -399,13 +403,10 @@ impl Receiver {
             ms = t.elapsed().as_secs_f64() * 1e3,
             "page data written"
         );
-        Ok(serve.then_some(store))
-    }
-
-    /// With a restore served from the page store (after [`finish_rebuild`](Self::finish_rebuild)):
-    /// how many pages the lazy-pages daemon must get from the page server.
-    pub fn served_pages(&self) -> Option<u64> {
-        self.served_pages
+        Ok(serve.then(|| Served {
+            store,
+            pages: totals.pages.saturating_sub(totals.written),
+        }))
     }
 
     /// Waits for a rebuild thread still writing into the directory (before it is removed).
